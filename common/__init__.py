@@ -1,0 +1,1 @@
+"""Shared, method-agnostic pieces: samplers, networks, LoRA, data, run plumbing."""
