@@ -1,0 +1,300 @@
+"""Run plumbing shared by every script: errors, presets, seeding, run directories, checkpoints, summaries.
+
+Nothing here is method-specific. The contracts it implements are DESIGN 2.1 (command line, presets), 2.3 (outputs)
+and 2.4 (atomic checkpoints, Ctrl-C, non-finite losses, one-line errors with exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = 1
+
+
+class UserError(Exception):
+    """An expected mistake in the input (bad argument, missing dataset): reported in one line, exit code 2."""
+
+
+class CorruptCheckpointError(UserError):
+    """A checkpoint file that cannot be read (e.g. truncated by a crash or a full disk)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or inf; the run stops and keeps its last good checkpoint."""
+
+    def __init__(self, stage: str, step: int, value: float):
+        super().__init__(
+            f"non-finite loss ({value}) in stage '{stage}' at step {step}; "
+            "the last good checkpoint was kept (lower the learning rate or check the data)"
+        )
+        self.stage, self.step = stage, step
+
+
+def cli(main: Callable[[Any], None], args_type: type) -> None:
+    """Parse `args_type` with tyro and run `main`, turning expected errors into one line and an exit code."""
+    import tyro
+
+    args = tyro.cli(args_type)
+    try:
+        main(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Presets and arguments
+# --------------------------------------------------------------------------------------------------------------
+def explicit_fields(argv: list[str]) -> set[str]:
+    """Field names the user set on the command line (`--foo-bar` or `--foo_bar`, with or without `=value`)."""
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            names.add(token[2:].split("=", 1)[0].replace("-", "_"))
+    return names
+
+
+def apply_presets(args: Any, presets: dict[str, dict], argv: list[str] | None = None) -> dict:
+    """Fill `args` from every preset whose key occurs in `args.env`; explicit command-line values always win.
+
+    More specific (longer) keys are applied last, so `hopper-medium-v2` overrides `hopper`.
+    Returns the values that were taken from presets.
+    """
+    given = explicit_fields(sys.argv[1:] if argv is None else argv)
+    field_names = {field.name for field in dataclasses.fields(args)}
+    applied: dict[str, Any] = {}
+    for key in sorted((k for k in presets if k in args.env), key=len):
+        for name, value in presets[key].items():
+            if name not in field_names:
+                raise ValueError(f"preset '{key}' sets unknown field '{name}'")
+            if name not in given:
+                setattr(args, name, value)
+                applied[name] = value
+    return applied
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA device is available (use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown --device '{name}' (choose auto, cpu or cuda)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def capture_rng() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def default_run_dir(env: str, exp_name: str, seed: int) -> str:
+    return f"runs/{env.replace('/', '_')}__{exp_name}__{seed}__{int(time.time())}"
+
+
+def args_to_dict(args: Any) -> dict:
+    return {key: (str(value) if isinstance(value, Path) else value) for key, value in dataclasses.asdict(args).items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through a temporary file in the same folder and rename, so a crash never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint_file(path: str | Path, script: str | None = None) -> dict:
+    """Load one checkpoint; a truncated/corrupt file or one from another script is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for truncated zip archives
+        raise CorruptCheckpointError(f"checkpoint '{path}' is corrupt or truncated ({type(error).__name__})") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"'{path}' is not a checkpoint written by this project")
+    if script is not None and state.get("script") != script:
+        raise UserError(f"checkpoint '{path}' was written by {state.get('script')}.py, not {script}.py")
+    return state
+
+
+def load_module_state(module: torch.nn.Module, state_dict: dict, what: str) -> None:
+    """load_state_dict with a clear message when the checkpoint was made with other shapes or another model."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()
+        detail = first_line[1].strip() if len(first_line) > 1 else first_line[0]
+        raise UserError(f"checkpoint for {what} does not fit this model ({detail})") from error
+
+
+def check_finite(loss_value: float, stage: str, step: int) -> None:
+    if not np.isfinite(loss_value):
+        raise NonFiniteLossError(stage, step, loss_value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+class Run:
+    """A run directory with its TensorBoard writer, checkpoints, summary and Ctrl-C flag."""
+
+    def __init__(self, args: Any, script: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.script = script
+        self.args = args
+        self.run_dir = Path(args.run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.latest = self.checkpoint_dir / "latest.pt"
+        self.previous = self.checkpoint_dir / "previous.pt"
+        self.device = resolve_device(args.device)
+        if args.resume:
+            if not (self.latest.exists() or self.previous.exists()):
+                raise UserError(f"--resume: no checkpoint in '{self.checkpoint_dir}' to resume from")
+        elif self.latest.exists():
+            raise UserError(f"'{self.run_dir}' already holds a run; pass --resume to continue it or pick another --run-dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "args.json").write_text(json.dumps(args_to_dict(args), indent=2, default=str))
+        self.writer = SummaryWriter(str(self.run_dir))
+        self._interrupted = False
+        self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._interrupted:  # a second Ctrl-C means: stop now
+            raise KeyboardInterrupt
+        self._interrupted = True
+        print("\nCtrl-C: saving a checkpoint at the next step (press again to abort without saving)", file=sys.stderr)
+
+    def interrupted(self) -> bool:
+        return self._interrupted
+
+    def save_checkpoint(self, state: dict) -> Path:
+        """Write latest.pt atomically, keeping the one before it as previous.pt."""
+        payload = dict(state, format=CHECKPOINT_FORMAT, script=self.script, args=args_to_dict(self.args))
+        if self.latest.exists():
+            os.replace(self.latest, self.previous)
+        atomic_write_bytes(self.latest, lambda handle: torch.save(payload, handle))
+        return self.latest
+
+    def load_checkpoint(self) -> dict | None:
+        """The newest readable checkpoint of this run (falling back to previous.pt if latest.pt is damaged)."""
+        candidates = [path for path in (self.latest, self.previous) if path.exists()]
+        errors = []
+        for path in candidates:
+            try:
+                return read_checkpoint_file(path, self.script)
+            except CorruptCheckpointError as error:  # another script's checkpoint is not skipped: that is a mistake
+                errors.append(str(error))
+                print(f"warning: {error}; trying the previous checkpoint", file=sys.stderr)
+        if errors:
+            raise UserError(f"no readable checkpoint in '{self.checkpoint_dir}': {errors[-1]}")
+        return None
+
+    def write_summary(self, summary: dict) -> None:
+        text = json.dumps(summary, indent=2, default=float)
+        atomic_write_bytes(self.run_dir / "summary.json", lambda handle: handle.write(text.encode()))
+
+    def close(self) -> None:
+        self.writer.close()
+        signal.signal(signal.SIGINT, self._previous_handler)
+
+
+def start_run(args: Any, script: str) -> Run:
+    """Resolve the run directory (DESIGN 2.1 default), seed everything, and open the run."""
+    if not args.run_dir:
+        if args.resume:
+            raise UserError("--resume needs --run-dir pointing at the run to continue")
+        args.run_dir = default_run_dir(args.env, args.exp_name, args.seed)
+    seed_everything(args.seed, args.torch_deterministic)
+    return Run(args, script)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------------------------
+def stage_stats(returns: np.ndarray, normalized: np.ndarray) -> dict:
+    returns, normalized = np.asarray(returns, dtype=np.float64), np.asarray(normalized, dtype=np.float64)
+    return {
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "normalized_mean": float(normalized.mean()),
+        "normalized_std": float(normalized.std()),
+        "episodes": int(returns.size),
+    }
+
+
+def print_results_table(stages: dict[str, dict]) -> None:
+    """The final table on stdout: one row per evaluated stage."""
+    extra = sorted({key for stats in stages.values() for key in stats} - set(stage_stats([0.0], [0.0])))
+    header = ["stage", "return", "normalized", "episodes", *extra]
+    rows = []
+    for name, stats in stages.items():
+        rows.append([
+            name,
+            f"{stats['return_mean']:.3f} +- {stats['return_std']:.3f}",
+            f"{stats['normalized_mean']:.1f} +- {stats['normalized_std']:.1f}",
+            str(stats["episodes"]),
+            *[f"{stats[key]:.3f}" if isinstance(stats.get(key), float) else str(stats.get(key, "")) for key in extra],
+        ])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * width for width in widths], *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+
+
+class Timer:
+    """`with Timer() as timer: ...` then `timer.seconds` (synchronises CUDA so GPU work is counted)."""
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+        return False
