@@ -60,11 +60,14 @@ def cli(main: Callable[[Any], None], args_type: type) -> None:
 # Presets and arguments
 # --------------------------------------------------------------------------------------------------------------
 def explicit_fields(argv: list[str]) -> set[str]:
-    """Field names the user set on the command line (`--foo-bar` or `--foo_bar`, with or without `=value`)."""
+    """Field names set on the command line: `--foo-bar`, `--foo_bar`, `--foo-bar=x`, and tyro's `--no-foo-bar`."""
     names = set()
     for token in argv:
         if token.startswith("--"):
-            names.add(token[2:].split("=", 1)[0].replace("-", "_"))
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            names.add(name)
+            if name.startswith("no_"):
+                names.add(name[3:])
     return names
 
 

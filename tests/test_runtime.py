@@ -37,6 +37,9 @@ def test_presets_apply_most_specific_last_and_never_override_the_command_line():
     args = Args(beta=0.5)
     apply_presets(args, presets, argv=["--beta=0.5"])
     assert (args.beta, args.steps) == (0.5, 7)
+    args = Args(torch_deterministic=False)
+    apply_presets(args, {"nav1d": {"torch_deterministic": True}}, argv=["--no-torch-deterministic"])
+    assert args.torch_deterministic is False
 
 
 def test_checkpoints_rotate_and_fall_back_to_the_previous_one_when_truncated(tmp_path):
