@@ -1,0 +1,636 @@
+"""Offline datasets and evaluation shared by every script: what `--env NAME` means and how policies are scored.
+
+Name resolution (DESIGN 2.2), first match wins:
+1. Nav1D: `nav1d-partial|full|expert` (or `nav1d/<kind>-v0`): local Minari datasets made by `nav1d.make_dataset`.
+2. D4RL-style names:
+   - locomotion `hopper|halfcheetah|walker2d-<quality>-v<N>` (quality random, medium, expert, medium-replay,
+     medium-expert, full-replay):
+     a) the raw D4RL HDF5 file, read with h5py, evaluated on the Gymnasium env (Hopper-v5, HalfCheetah-v5,
+        Walker2d-v5). Looked for in $D4RL_DATASET_DIR (if set) and then ~/.d4rl/datasets/, under the name d4rl
+        itself stores it, `<env>_<quality with _>-v<N>.hdf5` (e.g. hopper_medium_replay-v2.hdf5), or under
+        `<name>.hdf5` (e.g. hopper-medium-replay-v2.hdf5).
+     c) otherwise, for medium and expert, the Minari dataset `mujoco/<env>/<quality>-v0` (different data, one
+        printed line says so).
+   - b) Minari ports: `antmaze-<task>-v<N>` -> D4RL/antmaze/<task>-v1, `kitchen-<task>-v<N>` -> D4RL/kitchen/<task>-v2,
+     `<pen|hammer|door|relocate>-<human|cloned|expert>-v<N>` -> D4RL/<task>/<kind>-v2.
+3. Anything else is taken as a Minari dataset id (`mujoco/hopper/medium-v0`, `D4RL/antmaze/umaze-v1`, ...).
+A Minari dataset missing from disk is downloaded once with `minari.download_dataset`; if that fails the loader
+raises DatasetError with one line naming the dataset, where it looked, and the command that gets it.
+
+Conventions: observations are flat float32 vectors (dict observations are flattened the same way for the data and
+for the evaluation env: `observation` + `desired_goal` when the goal is a Box (antmaze), `observation` alone when
+it is not (kitchen), every Box leaf in key order otherwise). `terminals` marks true terminations only;
+`episode_ends` marks the last transition of every episode (termination, time-out or end of the data).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import gymnasium as gym
+import h5py
+import minari
+import numpy as np
+import torch
+
+from common.runtime import UserError
+
+
+class DatasetError(UserError):
+    """A dataset that cannot be found or read; the message is one line that says what to do."""
+
+
+LOCOMOTION_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+D4RL_REFERENCE_RETURNS = {  # (random, expert) returns of D4RL's normalised score
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+}
+LOCOMOTION_QUALITIES = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
+MINARI_MUJOCO_QUALITIES = ("medium", "expert")  # D4RL qualities with a Minari mujoco/<env>/<quality>-v0 namesake
+ANTMAZE_TASKS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+KITCHEN_TASKS = ("complete", "partial", "mixed")
+ADROIT_TASKS = ("pen", "hammer", "door", "relocate")
+ADROIT_KINDS = ("human", "cloned", "expert")
+D4RL_V2_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
+D4RL_REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+MINARI_GET = 'pip install "minari[hf]" && minari download'
+EVAL_SEED_STREAM = 0xE7A1  # separates evaluation seeds from every other use of the run seed
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Loaded data
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class OfflineData:
+    """A whole offline dataset as flat transition arrays in episode order, plus how to evaluate on it."""
+
+    name: str  # what the user passed to --env
+    source: str  # where it came from, e.g. "minari:nav1d/full-v0" or "d4rl-hdf5:/root/.d4rl/datasets/x.hdf5"
+    family: str  # "nav1d" | "locomotion" | "antmaze" | "kitchen" | "adroit" | "other"
+    observations: np.ndarray  # (N, S) float32
+    actions: np.ndarray  # (N, A) float32
+    rewards: np.ndarray  # (N,) float32
+    next_observations: np.ndarray  # (N, S) float32
+    terminals: np.ndarray  # (N,) bool, true terminations only
+    episode_ends: np.ndarray  # (N,) bool, last transition of each episode
+    ref_min_score: float  # return of normalised score 0 (nan when the dataset has none)
+    ref_max_score: float  # return of normalised score 100
+    make_env: Callable[[], gym.Env] = field(repr=False)  # evaluation env, observations flattened like the data
+    action_low: np.ndarray = field(repr=False)
+    action_high: np.ndarray = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    @property
+    def observation_dim(self) -> int:
+        return self.observations.shape[1]
+
+    @property
+    def action_dim(self) -> int:
+        return self.actions.shape[1]
+
+    def episode_slices(self) -> list[slice]:
+        ends = np.flatnonzero(self.episode_ends) + 1
+        starts = np.concatenate([[0], ends[:-1]])
+        return [slice(int(start), int(end)) for start, end in zip(starts, ends)]
+
+    def episode_returns(self) -> np.ndarray:
+        """Undiscounted return of every episode, in order."""
+        ends = np.flatnonzero(self.episode_ends) + 1
+        return np.add.reduceat(self.rewards.astype(np.float64), np.concatenate([[0], ends[:-1]]))
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _check_transitions(name: str, source: str, arrays: dict[str, np.ndarray]) -> None:
+    """Consistent lengths and finite numbers; anything else is a damaged file, reported in one line."""
+    count = len(arrays["rewards"])
+    if count == 0:
+        raise DatasetError(f"dataset {name} ({source}) holds no transitions")
+    for key, values in arrays.items():
+        if len(values) != count:
+            raise DatasetError(
+                f"dataset {name} ({source}) is malformed: {key} has {len(values)} entries, rewards has {count}"
+            )
+    for key in ("observations", "next_observations", "actions", "rewards"):
+        finite = np.isfinite(arrays[key]).reshape(count, -1).all(axis=1)
+        if not finite.all():
+            first = int(np.flatnonzero(~finite)[0])
+            raise DatasetError(
+                f"dataset {name} ({source}) has non-finite {key} (first at transition {first} of {count}); "
+                "the file is damaged: delete it and get it again"
+            )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Dict observations
+# ------------------------------------------------------------------------------------------------------------------
+def observation_keys(space: gym.Space) -> list[tuple[str, ...]]:
+    """Paths of the Box leaves that make up the flat observation (see the module docstring for the rule)."""
+    if isinstance(space, gym.spaces.Box):
+        return [()]
+    if isinstance(space, gym.spaces.Dict):
+        if "observation" in space.spaces:
+            keys = [("observation",) + path for path in observation_keys(space["observation"])]
+            goal = space.spaces.get("desired_goal")
+            if isinstance(goal, gym.spaces.Box):
+                keys.append(("desired_goal",))
+            return keys
+        return [(key,) + path for key, sub in space.spaces.items() for path in observation_keys(sub)]
+    raise DatasetError(f"observation space {space} is not supported (only Box and Dict of Box observations)")
+
+
+def _leaf(space: gym.Space, path: tuple[str, ...]) -> gym.spaces.Box:
+    for key in path:
+        space = space[key]
+    return space
+
+
+def flatten_observation(space: gym.Space, observations: Any) -> np.ndarray:
+    """Flatten one observation or a batch/sequence of them (leading dims kept) to float32 (..., S)."""
+    parts = []
+    for path in observation_keys(space):
+        value = observations
+        for key in path:
+            value = value[key]
+        value = np.asarray(value, dtype=np.float32)
+        leaf_ndim = len(_leaf(space, path).shape)
+        parts.append(value.reshape(value.shape[: value.ndim - leaf_ndim] + (-1,)))
+    return np.concatenate(parts, axis=-1)
+
+
+class FlatObservation(gym.ObservationWrapper):
+    """Gives an env with dict observations the flat observations the data has."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self._source_space = env.observation_space
+        leaves = [_leaf(self._source_space, path) for path in observation_keys(self._source_space)]
+        low = np.concatenate([np.broadcast_to(leaf.low, leaf.shape).reshape(-1) for leaf in leaves])
+        high = np.concatenate([np.broadcast_to(leaf.high, leaf.shape).reshape(-1) for leaf in leaves])
+        self.observation_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
+
+    def observation(self, observation):
+        return flatten_observation(self._source_space, observation)
+
+
+def _flat_env(env: gym.Env) -> gym.Env:
+    return env if isinstance(env.observation_space, gym.spaces.Box) else FlatObservation(env)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Minari datasets
+# ------------------------------------------------------------------------------------------------------------------
+def _family_of(dataset_id: str, env_id: str) -> tuple[str, str | None]:
+    """(family, locomotion env key or None) from the Minari id and the evaluation env id."""
+    if dataset_id.startswith("nav1d/"):
+        return "nav1d", None
+    env_lower = env_id.lower()
+    for key in LOCOMOTION_ENVS:
+        if env_lower.startswith(key):
+            return "locomotion", key
+    text = f"{dataset_id} {env_id}".lower()
+    for family in ("antmaze", "kitchen", "adroit"):
+        if family in text:
+            return family, None
+    parts = dataset_id.split("/")
+    if len(parts) == 3 and parts[0] == "D4RL" and parts[1] in ADROIT_TASKS:
+        return "adroit", None
+    return "other", None
+
+
+def _minari_env_id(dataset: minari.MinariDataset) -> str:
+    eval_spec = dataset.storage.metadata.get("eval_env_spec")
+    if eval_spec:
+        return json.loads(eval_spec)["id"] if isinstance(eval_spec, str) else eval_spec.id
+    return dataset.env_spec.id if dataset.env_spec is not None else ""
+
+
+def _minari_arrays(dataset: minari.MinariDataset) -> dict[str, np.ndarray]:
+    """Concatenate every episode of a Minari dataset into transition arrays (one pass over the file)."""
+    space = dataset.observation_space
+    columns: dict[str, list[np.ndarray]] = {key: [] for key in
+                                            ("observations", "next_observations", "actions", "rewards", "terminals",
+                                             "episode_ends")}
+    for episode in dataset.storage.get_episodes(dataset.episode_indices):
+        steps = len(episode["rewards"])
+        if steps == 0:
+            continue
+        observations = flatten_observation(space, episode["observations"])
+        if len(observations) != steps + 1:
+            raise ValueError(f"episode {episode['id']} has {len(observations)} observations for {steps} steps")
+        columns["observations"].append(observations[:-1])
+        columns["next_observations"].append(observations[1:])
+        columns["actions"].append(np.asarray(episode["actions"], dtype=np.float32).reshape(steps, -1))
+        columns["rewards"].append(np.asarray(episode["rewards"], dtype=np.float32).reshape(steps))
+        columns["terminals"].append(np.asarray(episode["terminations"], dtype=bool).reshape(steps))
+        ends = np.zeros(steps, dtype=bool)
+        ends[-1] = True
+        columns["episode_ends"].append(ends)
+    if not columns["rewards"]:
+        raise ValueError("no episode with at least one step")
+    return {key: np.concatenate(values) for key, values in columns.items()}
+
+
+def _find_minari(dataset_id: str) -> tuple[minari.MinariDataset | None, str]:
+    """The local Minari dataset, downloading it once if missing; (None, why) when neither works."""
+    where = minari.storage.get_dataset_path(dataset_id)
+    if not (where / "data").exists():
+        try:
+            minari.download_dataset(dataset_id)
+        except Exception as error:  # no network, no minari[hf], unknown id: all mean "not available"
+            return None, f"not in {where} and the download failed ({_one_line(error)})"
+    try:
+        return minari.load_dataset(dataset_id), ""
+    except Exception as error:
+        raise DatasetError(
+            f"cannot read Minari dataset {dataset_id} at {where} ({_one_line(error)}); delete that folder and get "
+            f"it again: {MINARI_GET} {dataset_id}"
+        ) from None
+
+
+def _from_minari(name: str, dataset: minari.MinariDataset, family_hint: tuple[str, str | None] | None = None
+                 ) -> OfflineData:
+    dataset_id = dataset.spec.dataset_id
+    source = f"minari:{dataset_id}"
+    if not isinstance(dataset.action_space, gym.spaces.Box):
+        raise DatasetError(f"dataset {name} ({source}) has action space {dataset.action_space}; only Box is supported")
+    try:
+        arrays = _minari_arrays(dataset)
+    except DatasetError:
+        raise
+    except Exception as error:
+        raise DatasetError(
+            f"dataset {name} ({source}) at {dataset.spec.data_path} cannot be read ({_one_line(error)}); delete it "
+            f"and get it again"
+        ) from None
+    _check_transitions(name, source, arrays)
+    family, locomotion = family_hint or _family_of(dataset_id, _minari_env_id(dataset))
+    metadata = dataset.storage.metadata
+    if locomotion is not None:
+        ref_min, ref_max = D4RL_REFERENCE_RETURNS[locomotion]
+    elif "ref_min_score" in metadata and "ref_max_score" in metadata:
+        ref_min, ref_max = float(metadata["ref_min_score"]), float(metadata["ref_max_score"])
+    else:
+        print(f"note: dataset {dataset_id} has no reference returns; normalised scores will be nan")
+        ref_min = ref_max = float("nan")
+
+    def make_env() -> gym.Env:
+        try:
+            env = dataset.recover_environment(eval_env=True)
+        except Exception as error:
+            raise DatasetError(
+                f"cannot make the evaluation env of {dataset_id} ({_one_line(error)}); install the package that "
+                f"provides it (antmaze, kitchen, adroit: pip install gymnasium-robotics)"
+            ) from None
+        return _flat_env(env)
+
+    return OfflineData(
+        name=name, source=source, family=family, **arrays, ref_min_score=ref_min, ref_max_score=ref_max,
+        make_env=make_env, action_low=np.asarray(dataset.action_space.low, dtype=np.float32).reshape(-1),
+        action_high=np.asarray(dataset.action_space.high, dtype=np.float32).reshape(-1),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Raw D4RL HDF5 files
+# ------------------------------------------------------------------------------------------------------------------
+def d4rl_directories() -> list[Path]:
+    """Where raw D4RL files are looked for: $D4RL_DATASET_DIR (if set), then ~/.d4rl/datasets."""
+    directories = [Path(os.environ["D4RL_DATASET_DIR"]).expanduser()] if os.environ.get("D4RL_DATASET_DIR") else []
+    return directories + [Path("~/.d4rl/datasets").expanduser()]
+
+
+def d4rl_file_names(env: str, quality: str, version: str) -> list[str]:
+    """d4rl's own file name (hopper_medium_replay-v2.hdf5), then the D4RL name itself (hopper-medium-replay-v2.hdf5)."""
+    return [f"{env}_{quality.replace('-', '_')}-v{version}.hdf5", f"{env}-{quality}-v{version}.hdf5"]
+
+
+def read_d4rl_hdf5(path: Path, name: str) -> dict[str, np.ndarray]:
+    """Transition arrays of a D4RL file (keys observations, actions, rewards, terminals, timeouts[, next_observations]).
+
+    Episodes end at terminals or timeouts. Without next_observations the successor of step i is observation i+1,
+    which is unknown for a time-out step (the next row starts a new episode): such steps are dropped, as d4rl's
+    qlearning_dataset does, and the step before becomes the episode's last.
+    """
+    source = f"d4rl-hdf5:{path}"
+    try:
+        with h5py.File(path, "r") as file:
+            missing = [key for key in D4RL_REQUIRED_KEYS if key not in file]
+            if missing:
+                raise DatasetError(f"dataset {name} ({source}) is malformed: missing keys {', '.join(missing)}")
+            raw = {key: file[key][()] for key in D4RL_REQUIRED_KEYS + ("next_observations",) if key in file}
+    except DatasetError:
+        raise
+    except Exception as error:  # truncated or not an HDF5 file
+        raise DatasetError(
+            f"cannot read D4RL file {path} ({_one_line(error)}); delete it and download it again"
+        ) from None
+    count = len(raw["rewards"])
+    if raw["observations"].ndim != 2 or raw["actions"].ndim != 2:
+        raise DatasetError(f"dataset {name} ({source}) is malformed: observations and actions must be 2-d arrays")
+    for key in ("observations", "actions", "terminals", "timeouts") + (
+            ("next_observations",) if "next_observations" in raw else ()):
+        if len(raw[key]) != count:
+            raise DatasetError(
+                f"dataset {name} ({source}) is malformed: {key} has {len(raw[key])} rows, rewards has {count}"
+            )
+    observations = raw["observations"].astype(np.float32)
+    terminals = raw["terminals"].reshape(count).astype(bool)
+    timeouts = raw["timeouts"].reshape(count).astype(bool) & ~terminals
+    episode_ends = terminals | timeouts
+    episode_ends[-1] = True
+    keep = np.ones(count, dtype=bool)
+    if "next_observations" in raw:
+        next_observations = raw["next_observations"].astype(np.float32)
+    else:
+        next_observations = np.concatenate([observations[1:], observations[-1:]])
+        keep = ~timeouts
+        keep[-1] = bool(terminals[-1])
+        dropped = np.flatnonzero(~keep)
+        episode_ends[dropped[dropped > 0] - 1] = True
+    arrays = {
+        "observations": observations,
+        "next_observations": next_observations,
+        "actions": raw["actions"].astype(np.float32),
+        "rewards": raw["rewards"].reshape(count).astype(np.float32),
+        "terminals": terminals,
+        "episode_ends": episode_ends,
+    }
+    return {key: values[keep] for key, values in arrays.items()}
+
+
+def _from_d4rl_file(name: str, path: Path, env: str) -> OfflineData:
+    source = f"d4rl-hdf5:{path}"
+    arrays = read_d4rl_hdf5(path, name)
+    _check_transitions(name, source, arrays)
+    env_id = LOCOMOTION_ENVS[env]
+    probe = gym.make(env_id)
+    observation_shape, action_space = probe.observation_space.shape, probe.action_space
+    probe.close()
+    if arrays["observations"].shape[1:] != observation_shape or arrays["actions"].shape[1:] != action_space.shape:
+        raise DatasetError(
+            f"dataset {name} ({source}) has observations {arrays['observations'].shape[1:]} and actions "
+            f"{arrays['actions'].shape[1:]}, but {env_id} has {observation_shape} and {action_space.shape}"
+        )
+    ref_min, ref_max = D4RL_REFERENCE_RETURNS[env]
+    return OfflineData(
+        name=name, source=source, family="locomotion", **arrays, ref_min_score=ref_min, ref_max_score=ref_max,
+        make_env=lambda: gym.make(env_id), action_low=action_space.low.astype(np.float32),
+        action_high=action_space.high.astype(np.float32),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Resolution
+# ------------------------------------------------------------------------------------------------------------------
+def parse_d4rl_name(name: str) -> tuple[str, str, str, str] | None:
+    """(family, env or task, quality or kind, version) of a D4RL-style name, or None."""
+    patterns = (
+        ("locomotion", rf"({'|'.join(LOCOMOTION_ENVS)})-({'|'.join(LOCOMOTION_QUALITIES)})-v(\d+)"),
+        ("antmaze", rf"(antmaze)-({'|'.join(ANTMAZE_TASKS)})-v(\d+)"),
+        ("kitchen", rf"(kitchen)-({'|'.join(KITCHEN_TASKS)})-v(\d+)"),
+        ("adroit", rf"({'|'.join(ADROIT_TASKS)})-({'|'.join(ADROIT_KINDS)})-v(\d+)"),
+    )
+    for family, pattern in patterns:
+        match = re.fullmatch(pattern, name)
+        if match:
+            return (family,) + match.groups()
+    return None
+
+
+def minari_port(family: str, task: str, kind: str) -> str:
+    """The Minari id of a D4RL-style antmaze, kitchen or adroit name."""
+    if family == "antmaze":
+        return f"D4RL/antmaze/{kind}-v1"
+    if family == "kitchen":
+        return f"D4RL/kitchen/{kind}-v2"
+    return f"D4RL/{task}/{kind}-v2"
+
+
+def _load_locomotion(name: str, env: str, quality: str, version: str) -> OfflineData:
+    candidates = [directory / file for directory in d4rl_directories()
+                  for file in d4rl_file_names(env, quality, version)]
+    for path in candidates:
+        if path.is_file():
+            return _from_d4rl_file(name, path, env)
+    d4rl_file, plain_file = d4rl_file_names(env, quality, version)
+    looked = (f"no D4RL file {d4rl_file} (or {plain_file}) in "
+              f"{' or '.join(str(directory) for directory in d4rl_directories())}")
+    directory = d4rl_directories()[0]
+    get_d4rl = (f"wget -P {directory} {D4RL_V2_URL}{d4rl_file}" if version == "2"
+                else f"put the D4RL file {d4rl_file} into {directory}")
+    if quality not in MINARI_MUJOCO_QUALITIES:
+        raise DatasetError(f"dataset {name} not found: {looked} (and Minari has no port of it); get it with: {get_d4rl}")
+    minari_id = f"mujoco/{env}/{quality}-v0"
+    dataset, why = _find_minari(minari_id)
+    if dataset is None:
+        raise DatasetError(
+            f"dataset {name} not found: {looked}, and Minari {minari_id} is {why}; get it with: {get_d4rl} "
+            f"(or, different data: {MINARI_GET} {minari_id})"
+        )
+    print(f"note: {name} is not on disk as a D4RL file; using Minari {minari_id} instead, which is NOT the same "
+          f"data as D4RL (collected on {LOCOMOTION_ENVS[env]}); scores still use the D4RL reference returns")
+    return _from_minari(name, dataset, family_hint=("locomotion", env))
+
+
+def load_offline_data(name: str) -> OfflineData:
+    """Resolve a --env name (module docstring) and load the whole dataset; DatasetError when it is unavailable."""
+    import nav1d
+
+    nav1d_kind = re.fullmatch(r"nav1d-(\w+)|nav1d/(\w+)-v0", name)
+    if nav1d_kind:
+        kind = nav1d_kind.group(1) or nav1d_kind.group(2)
+        if kind not in nav1d.DATASET_KINDS:
+            raise DatasetError(f"unknown Nav1D dataset {name}; use one of "
+                               f"{', '.join('nav1d-' + known for known in nav1d.DATASET_KINDS)}")
+        return _from_minari(name, nav1d.make_dataset(kind))
+    d4rl = parse_d4rl_name(name)
+    if d4rl is not None and d4rl[0] == "locomotion":
+        return _load_locomotion(name, *d4rl[1:])
+    minari_id = minari_port(*d4rl[:3]) if d4rl is not None else name
+    dataset, why = _find_minari(minari_id)
+    if dataset is None:
+        what = (f"Minari {minari_id} (the port of D4RL {name})" if d4rl is not None
+                else f"not a Nav1D (nav1d-full) or D4RL-style name (hopper-medium-v2, antmaze-umaze-v2), "
+                     f"and Minari dataset {minari_id}")
+        raise DatasetError(f"dataset {name} not found: {what} is {why}; get it with: {MINARI_GET} {minari_id}")
+    return _from_minari(name, dataset)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Rewards, scores, normalisation
+# ------------------------------------------------------------------------------------------------------------------
+def iql_rewards(data: OfflineData) -> np.ndarray:
+    """IQL's reward convention: locomotion r * 1000 / (max - min episode return), antmaze r - 1, otherwise r."""
+    if data.family == "locomotion":
+        returns = data.episode_returns()
+        spread = float(returns.max() - returns.min())
+        return (data.rewards * (1000.0 / spread if spread > 0 else 1.0)).astype(np.float32)
+    if data.family == "antmaze":
+        return (data.rewards - 1.0).astype(np.float32)
+    return data.rewards.copy()
+
+
+def normalized_score(data: OfflineData, returns) -> np.ndarray:
+    """100 * (return - ref_min) / (ref_max - ref_min): 0 is random, 100 expert (locomotion) or optimal (Nav1D)."""
+    return 100.0 * (np.asarray(returns, dtype=np.float64) - data.ref_min_score) / (
+        data.ref_max_score - data.ref_min_score)
+
+
+@dataclass
+class Normalizer:
+    """Per-dimension standardisation, fitted on the data and applied identically at evaluation."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def from_array(cls, values: np.ndarray, eps: float = 1e-3) -> "Normalizer":
+        """std is floored at eps so that constant dimensions (e.g. Nav1D's time at a fixed step) stay finite."""
+        values = np.asarray(values, dtype=np.float64)
+        return cls(values.mean(axis=0).astype(np.float32), np.maximum(values.std(axis=0), eps).astype(np.float32))
+
+    def _stats_like(self, values):
+        if isinstance(values, torch.Tensor):
+            return (torch.as_tensor(self.mean, dtype=values.dtype, device=values.device),
+                    torch.as_tensor(self.std, dtype=values.dtype, device=values.device))
+        return self.mean, self.std
+
+    def normalize(self, values):
+        """numpy arrays or torch tensors (stats moved to the tensor's device and dtype)."""
+        mean, std = self._stats_like(values)
+        return (values - mean) / std
+
+    def unnormalize(self, values):
+        mean, std = self._stats_like(values)
+        return values * std + mean
+
+    def state_dict(self) -> dict:
+        """Tensors, so that checkpoints load with torch.load(weights_only=True)."""
+        return {"mean": torch.as_tensor(self.mean), "std": torch.as_tensor(self.std)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Normalizer":
+        return cls(np.asarray(state["mean"], dtype=np.float32), np.asarray(state["std"], dtype=np.float32))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Fixed-length windows (Diffuser, Diffusion Policy)
+# ------------------------------------------------------------------------------------------------------------------
+def sample_windows_index(data: OfflineData, horizon: int, pad: bool = True) -> np.ndarray:
+    """Start indices of windows of `horizon` transitions.
+
+    pad=True: every transition starts a window (windows running past their episode's end are padded by
+    gather_windows), so every transition is seen equally often. pad=False: only windows that fit in their episode.
+    """
+    if horizon < 1:
+        raise ValueError("horizon must be >= 1")
+    indices = np.arange(len(data))
+    if pad:
+        return indices
+    end_positions = np.flatnonzero(data.episode_ends)
+    last = end_positions[np.searchsorted(end_positions, indices)]
+    return indices[indices + horizon - 1 <= last]
+
+
+def gather_windows(values: np.ndarray, starts: np.ndarray, horizon: int, episode_ends: np.ndarray,
+                   pad: str = "repeat") -> tuple[np.ndarray, np.ndarray]:
+    """Windows values[start : start + horizon] cut at the end of each start's episode, in one vectorised gather.
+
+    values: (N, ...) per-transition array (observations, actions, rewards, ...); starts: (B,) indices;
+    episode_ends: data.episode_ends. Steps past the episode end are padded with the last valid entry
+    (pad="repeat", use it for observations: the agent stays where it ended) or zeros (pad="zero", use it for
+    actions and rewards). Returns (windows (B, horizon, ...), valid (B, horizon) bool, False on padded steps).
+    """
+    if pad not in ("repeat", "zero"):
+        raise ValueError(f"pad must be 'repeat' or 'zero', not {pad!r}")
+    starts = np.asarray(starts, dtype=np.int64)
+    end_positions = np.flatnonzero(episode_ends)
+    last = end_positions[np.searchsorted(end_positions, starts)]
+    steps = starts[:, None] + np.arange(horizon)[None, :]
+    valid = steps <= last[:, None]
+    windows = values[np.minimum(steps, last[:, None])]
+    if pad == "zero":
+        windows = np.where(valid.reshape(valid.shape + (1,) * (windows.ndim - 2)), windows, 0).astype(values.dtype)
+    return windows, valid
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------------------------
+def eval_seed(run_seed: int, episode: int) -> int:
+    """Reset seed of evaluation episode `episode` of a run: distinct per episode, a function of the run seed only,
+    so that every stage of a run is evaluated on the same start states (paired comparison)."""
+    sequence = np.random.SeedSequence([run_seed % 2**63, EVAL_SEED_STREAM, episode])
+    return int(sequence.generate_state(1, dtype=np.uint32)[0])
+
+
+@dataclass
+class EvalResult:
+    returns: np.ndarray  # (E,) undiscounted returns
+    lengths: np.ndarray  # (E,) steps taken
+    observations: list[np.ndarray]  # per episode (length + 1, S) float32, the final observation included
+    actions: list[np.ndarray]  # per episode (length, A) float32, as the policy produced them (before clipping)
+    terminated: np.ndarray  # (E,) bool: ended by termination, not by a time limit or max_steps
+
+
+def evaluate(policy: Callable[[np.ndarray, np.ndarray], Any], make_env: Callable[[], gym.Env], episodes: int,
+             seed: int, max_steps: int | None = None) -> EvalResult:
+    """Run `episodes` episodes in lockstep, one env each, so the policy sees one batch per step.
+
+    Env i is reset with seed eval_seed(seed, i). policy(observations (n_active, S) float32, env_ids (n_active,))
+    returns actions (n_active, A) as numpy or torch; they are clipped to the action space before stepping.
+    `policy.reset(episodes)` is called first when it exists (e.g. to clear action chunks). Finished episodes drop
+    out of the batch; max_steps (optional) truncates every episode.
+    """
+    envs = [make_env() for _ in range(episodes)]
+    try:
+        current = [np.asarray(env.reset(seed=eval_seed(seed, i))[0], dtype=np.float32) for i, env in enumerate(envs)]
+        reset = getattr(policy, "reset", None)
+        if callable(reset):
+            reset(episodes)
+        observations = [[obs] for obs in current]
+        actions: list[list[np.ndarray]] = [[] for _ in range(episodes)]
+        returns = np.zeros(episodes)
+        terminated = np.zeros(episodes, dtype=bool)
+        active = list(range(episodes))
+        while active:
+            batch = np.stack([current[i] for i in active])
+            chosen = policy(batch, np.asarray(active))
+            if isinstance(chosen, torch.Tensor):
+                chosen = chosen.detach().cpu().numpy()
+            chosen = np.asarray(chosen, dtype=np.float32).reshape(len(active), -1)
+            still_active = []
+            for row, i in enumerate(active):
+                space = envs[i].action_space
+                action = np.clip(chosen[row], space.low, space.high).reshape(space.shape)
+                obs, step_reward, done, truncated, _ = envs[i].step(action)
+                current[i] = np.asarray(obs, dtype=np.float32)
+                observations[i].append(current[i])
+                actions[i].append(chosen[row])
+                returns[i] += float(step_reward)
+                terminated[i] = bool(done)
+                out_of_steps = max_steps is not None and len(actions[i]) >= max_steps
+                if not (done or truncated or out_of_steps):
+                    still_active.append(i)
+            active = still_active
+    finally:
+        for env in envs:
+            env.close()
+    return EvalResult(
+        returns=returns,
+        lengths=np.array([len(episode) for episode in actions]),
+        observations=[np.stack(episode) for episode in observations],
+        actions=[np.stack(episode) for episode in actions],
+        terminated=terminated,
+    )
