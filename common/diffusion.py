@@ -114,6 +114,9 @@ class SampleOutput:
 class Diffusion:
     """Forward process, training loss and sampler for one choice of `sampler` (see the module docstring).
 
+    Deterministic steps: the last ddpm/ddim step (it lands on alpha_bar = 1, zero posterior variance), the last sm
+    step (it returns its mean, no noise on the final sample), and every fm / dpm_solver++ / ddim(eta=0) step.
+
     `prediction` is what the network outputs: "eps" (noise), "x0" (clean data) or "velocity". For VP processes the
     velocity is alpha z - sigma x0 (Salimans & Ho); for fm it is z - x0 and is the only choice.
     """
@@ -302,6 +305,14 @@ class Diffusion:
             return prediction, (x - alpha * prediction) / sigma
         return alpha * x - sigma * prediction, sigma * x + alpha * prediction
 
+    def _noise_from_output(self, prediction: Tensor, x: Tensor, alpha: float, sigma: float) -> Tensor:
+        """eps_hat alone (the score sampler needs nothing else)."""
+        if self.prediction == "eps":
+            return prediction
+        if self.prediction == "x0":
+            return (x - alpha * prediction) / sigma
+        return sigma * x + alpha * prediction
+
     # ----- sampling ----------------------------------------------------------------------------------------------
     def _network_time(self, value: float, x: Tensor) -> Tensor:
         return torch.full((x.shape[0],), value, device=x.device, dtype=x.dtype)
@@ -322,7 +333,7 @@ class Diffusion:
         if self.sampler == "sm":  # x - h f + h g^2 score, with f = -beta x / 2, g^2 = beta, score = -eps / sigma
             alpha, sigma = self.step_alpha[step], self.step_sigma[step]
             output = model(x, self._network_time(self.step_time[step], x), cond)
-            _, eps_hat = self._split(output, x, alpha, sigma)
+            eps_hat = self._noise_from_output(output, x, alpha, sigma)
             drift = self.step_drift[step]
             return x + drift * (0.5 * x - eps_hat / sigma), self.step_std[step]
         now, nxt = self.step_time[step], self.step_time[step + 1]
@@ -361,8 +372,14 @@ class Diffusion:
         start_step: int = 0,
         generator=None,
     ) -> SampleOutput:
-        """Draw samples; see the SampleOutput fields. With x_start/start_step the chain, log_probs and stochastic
-        cover only steps start_step.. (dpm_solver++ restarts its multistep history with a first-order step)."""
+        """Draw samples (see SampleOutput). Random draws, in order: x_T (unless x_start), then one noise tensor per
+        stochastic step, all from `generator`.
+
+        x_start continues a chain from its latent before step `start_step`; it is (B*n, ...), or (B, ...) with one
+        latent per condition that is repeated for the n samples (branching). The chain, log_probs and stochastic then
+        cover steps start_step.. only; dpm_solver++ restarts its multistep history with a first-order step.
+        Step log-probs are densities of the detached sample, so their gradient is the score-function (REINFORCE) one.
+        """
         if samples_per_cond < 1:
             raise UserError(f"samples_per_cond must be >= 1, got {samples_per_cond}")
         if not 0 <= start_step <= self.steps:
@@ -377,6 +394,7 @@ class Diffusion:
         else:
             shape = (shape[0] * samples_per_cond, *shape[1:])
         device = _pick_device(model, cond, inpaint_values, x_start)
+        free_mask = None
         if inpaint_mask is not None:
             inpaint_mask = inpaint_mask.to(device=device, dtype=torch.bool).repeat_interleave(samples_per_cond, 0)
             inpaint_values = inpaint_values.to(device).repeat_interleave(samples_per_cond, 0)
@@ -387,10 +405,12 @@ class Diffusion:
 
         if x_start is None:
             x = torch.randn(shape, device=device, generator=generator)
-        else:
-            if tuple(x_start.shape) != tuple(shape):
-                raise UserError(f"x_start has shape {tuple(x_start.shape)}, expected {tuple(shape)}")
+        elif tuple(x_start.shape) == tuple(shape):
             x = x_start
+        elif samples_per_cond > 1 and x_start.shape[0] * samples_per_cond == shape[0]:
+            x = x_start.repeat_interleave(samples_per_cond, dim=0)  # branch several continuations per latent
+        else:
+            raise UserError(f"x_start has shape {tuple(x_start.shape)}, expected {tuple(shape)}")
         x = inpaint(x)
         chain, log_probs = [x], []
         first_grad_step = 0 if grad_last_k is None else self.steps - grad_last_k
@@ -405,15 +425,14 @@ class Diffusion:
                     log_prob = None
                 else:
                     mean, std = self.step_distribution(model, x, step, cond)
+                    log_prob = None
                     if std > 0:
                         noise = torch.randn(mean.shape, device=device, generator=generator, dtype=mean.dtype)
                         x = mean + std * noise
-                        # density of the sampled point as data: its gradient is the score-function one
-                        log_prob = gaussian_log_prob(
-                            x.detach(), mean, std, None if inpaint_mask is None else free_mask
-                        )
+                        if return_chain:  # density of the sample taken as data: its gradient is the score-function one
+                            log_prob = gaussian_log_prob(x.detach(), mean, std, free_mask)
                     else:
-                        x, log_prob = mean, None
+                        x = mean
                 x = inpaint(x)
             if return_chain:
                 chain.append(x)

@@ -19,10 +19,27 @@ from common.runtime import UserError
 
 DATA_MEAN = torch.tensor([1.5, -0.5])
 DATA_STD = torch.tensor([0.5, 2.0])
-NUM_SAMPLES = 20_000
+NUM_SAMPLES = 50_000
 # Sampler accuracy on the Gaussian: |mean - m| / s and |std - s| / s must both stay below this, per dim.
-# Sampling noise alone is ~0.7% (mean) and ~0.5% (std) at 20k samples; discretisation error is kept below ~1.5%.
+# Sampling noise alone is ~0.45% (mean) and ~0.3% (std) at 50k samples; the step counts below keep discretisation
+# error under ~2.5% (the wide s = 2 dim is the hard one; VP-SDE samplers also start from N(0, I) while the true
+# marginal at t = 1 has mean alpha(1) m with alpha(1) = 0.0066).
 TOLERANCE = 0.03
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The batch ops here are tiny; extra threads only contend on the shared 2-core test machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Fixed global seed: every check below runs on the same draws every time."""
+    torch.manual_seed(0)
 
 
 def target_coefficients(diffusion, alpha, sigma):
@@ -81,21 +98,24 @@ def test_vp_sde_formulas():
     assert torch.allclose(sde.lambda_(t), sde.log_alpha(t) - sde.sigma(t).log())
     assert torch.allclose(sde.inverse_lambda(sde.lambda_(t)), t)
     # d log alpha / dt = -beta / 2
-    assert torch.allclose(torch.func.grad(lambda s: sde.log_alpha(s))(t[10]), -sde.beta(t[10]) / 2)
+    time = t.clone().requires_grad_()
+    (slope,) = torch.autograd.grad(sde.log_alpha(time).sum(), time)
+    assert torch.allclose(slope, -sde.beta(t) / 2)
 
 
 # ----- samplers against the exact Gaussian ------------------------------------------------------------------------
 SAMPLER_CASES = {
-    "ddpm 500 steps": ("ddpm", dict(steps=500)),
-    "ddpm 250 of 1000 levels": ("ddpm", dict(steps=250, train_steps=1000)),
+    "ddpm cosine 300 steps": ("ddpm", dict(steps=300)),
+    "ddpm cosine 500 of 1000 levels": ("ddpm", dict(steps=500, train_steps=1000)),
     "ddpm linear 500 steps": ("ddpm", dict(steps=500, schedule="linear")),
     "ddim eta=0 200 steps": ("ddim", dict(steps=200)),
     "ddim eta=0.5 200 steps": ("ddim", dict(steps=200, eta=0.5)),
     "ddim eta=0 x0-pred 200 steps": ("ddim", dict(steps=200, prediction="x0")),
-    "sm 500 steps": ("sm", dict(steps=500)),
+    "sm 300 steps": ("sm", dict(steps=300)),
     "fm euler 200 steps": ("fm", dict(steps=200)),
     "fm heun 20 steps": ("fm", dict(steps=20, fm_solver="heun")),
     "dpm_solver++ 15 steps": ("dpm_solver++", dict(steps=15)),
+    "dpm_solver++ 25 steps": ("dpm_solver++", dict(steps=25)),
     "dpm_solver++ velocity-pred 15 steps": ("dpm_solver++", dict(steps=15, prediction="velocity")),
 }
 
@@ -244,12 +264,18 @@ def test_x_start_continuation_reproduces_the_chain():
 
 
 def test_x_start_continuation_with_cond_and_multistep_solver():
-    diffusion = Diffusion("dpm_solver++", steps=6)
+    diffusion = Diffusion("dpm_solver++", steps=20)
     cond = torch.randn(3, 2)
     model = GaussianOptimalModel(diffusion)
-    first = diffusion.sample(model, (2,), cond, samples_per_cond=2, return_chain=True)
-    branches = diffusion.sample(model, (2,), cond, samples_per_cond=2, x_start=first.chain[3], start_step=3)
-    assert branches.x0.shape == (6, 2) and torch.isfinite(branches.x0).all()
+    first = diffusion.sample(model, (2,), cond, return_chain=True)
+    branches = diffusion.sample(model, (2,), cond, samples_per_cond=4, x_start=first.chain[10], start_step=10,
+                                return_chain=True)
+    assert branches.x0.shape == (12, 2) and branches.chain.shape == (11, 12, 2)
+    # a deterministic solver continues every copy of a latent the same way, to near the original sample (not
+    # exactly: the continuation's first step is first order, since the multistep history is not carried over)
+    assert torch.equal(branches.chain[0], first.chain[10].repeat_interleave(4, 0))
+    assert torch.allclose(branches.x0.reshape(3, 4, 2), branches.x0[::4, None], atol=1e-6)
+    assert torch.allclose(branches.x0[::4], first.x0, atol=0.1)
 
 
 def test_network_time_is_level_over_train_steps():
