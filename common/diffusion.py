@@ -176,33 +176,37 @@ class Diffusion:
 
     # ----- schedule tables ---------------------------------------------------------------------------------------
     def _build_step_tables(self) -> None:
-        """Per-step Python floats (same for every sample), so a sampler step does no table lookups on the device."""
+        """Per-step Python floats (the same for every sample), so a sampler step does no device table lookups.
+
+        step_time / step_alpha / step_sigma have steps + 1 entries: the level before each step, then the final one;
+        step_std has one entry per step (0 = deterministic step).
+        """
         if self.sampler in DISCRETE_SAMPLERS:
             make = cosine_alphas_cumprod if self.schedule == "cosine" else linear_alphas_cumprod
             self.alphas_cumprod = make(self.train_steps)
             levels = torch.linspace(self.train_steps, 0, self.steps + 1, dtype=torch.float64).round().long()
-            self.step_levels = levels.tolist()  # noise level k before each step, then 0
+            self.step_levels = levels.tolist()  # discrete noise level k before each step, then 0
             alpha_bar = self.alphas_cumprod[levels]
             now, nxt = alpha_bar[:-1], alpha_bar[1:]
             std = self.eta * torch.sqrt((1 - nxt) / (1 - now) * (1 - now / nxt))
-            self.step_time = (levels[:-1].double() / self.train_steps).tolist()
-            self.step_alpha = now.sqrt().tolist()
-            self.step_sigma = (1 - now).sqrt().tolist()
-            self.step_next_alpha = nxt.sqrt().tolist()
-            self.step_direction = (1 - nxt - std**2).clamp(min=0).sqrt().tolist()
+            self.step_time = (levels.double() / self.train_steps).tolist()
+            self.step_alpha = alpha_bar.sqrt().tolist()
+            self.step_sigma = (1 - alpha_bar).sqrt().tolist()
+            self.step_direction = (1 - nxt - std**2).clamp(min=0).sqrt().tolist()  # weight of eps_hat in the mean
             self.step_std = std.tolist()
-        elif self.sampler == "sm":
+            return
+        if self.sampler == "fm":
+            self.step_time = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64).tolist()
+            self.step_std = [0.0] * self.steps
+            return
+        if self.sampler == "sm":
             times = torch.linspace(1.0, self.t_min, self.steps + 1, dtype=torch.float64)
-            width = times[:-1] - times[1:]
-            beta = self.sde.beta(times[:-1])
-            std = torch.sqrt(beta * width)
+            beta_width = self.sde.beta(times[:-1]) * (times[:-1] - times[1:])
+            std = beta_width.sqrt()
             std[-1] = 0.0  # the last step returns its mean: no fresh noise on the final sample
-            self.step_time = times[:-1].tolist()
-            self.step_alpha = self.sde.alpha(times[:-1]).tolist()
-            self.step_sigma = self.sde.sigma(times[:-1]).tolist()
-            self.step_drift = (beta * width).tolist()  # h beta(t)
+            self.step_drift = beta_width.tolist()  # h beta(t)
             self.step_std = std.tolist()
-        elif self.sampler == "dpm_solver++":
+        else:  # dpm_solver++: uniform in lambda = log(alpha / sigma)
             lambdas = torch.linspace(
                 float(self.sde.lambda_(torch.tensor(1.0, dtype=torch.float64))),
                 float(self.sde.lambda_(torch.tensor(self.t_min, dtype=torch.float64))),
@@ -211,15 +215,11 @@ class Diffusion:
             )
             times = self.sde.inverse_lambda(lambdas)
             times[0], times[-1] = 1.0, self.t_min  # remove round-off at the ends
-            self.step_time = times.tolist()  # steps + 1 entries: each step goes from times[i] to times[i+1]
-            self.step_alpha = self.sde.alpha(times).tolist()
-            self.step_sigma = self.sde.sigma(times).tolist()
             self.step_lambda = lambdas.tolist()
             self.step_std = [0.0] * self.steps
-        else:  # fm
-            times = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
-            self.step_time = times.tolist()
-            self.step_std = [0.0] * self.steps
+        self.step_time = times.tolist()
+        self.step_alpha = self.sde.alpha(times).tolist()
+        self.step_sigma = self.sde.sigma(times).tolist()
 
     def _alphas_cumprod(self, device: torch.device) -> Tensor:
         """Discrete table on `device`, float32, cached per device."""
@@ -328,7 +328,7 @@ class Diffusion:
             alpha, sigma = self.step_alpha[step], self.step_sigma[step]
             output = model(x, self._network_time(self.step_time[step], x), cond)
             x0_hat, eps_hat = self._split(output, x, alpha, sigma)
-            mean = self.step_next_alpha[step] * x0_hat + self.step_direction[step] * eps_hat
+            mean = self.step_alpha[step + 1] * x0_hat + self.step_direction[step] * eps_hat
             return mean, self.step_std[step]
         if self.sampler == "sm":  # x - h f + h g^2 score, with f = -beta x / 2, g^2 = beta, score = -eps / sigma
             alpha, sigma = self.step_alpha[step], self.step_sigma[step]

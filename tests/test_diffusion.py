@@ -167,6 +167,21 @@ def test_step_log_probs_equal_normal_log_probs(sampler, options):
     assert out.stochastic[:-1].all() and not out.stochastic[-1]
 
 
+def test_ddpm_step_is_the_posterior_q_of_the_previous_level():
+    """Unstrided ddpm step = q(x_{k-1} | x_k, x0_hat): the DDPM posterior mean and variance beta_tilde."""
+    diffusion = Diffusion("ddpm", steps=10, prediction="x0")
+    x0_hat = torch.randn(5, 2)
+    x = torch.randn(5, 2)
+    alphas_cumprod = diffusion.alphas_cumprod.float()
+    for step, level in enumerate(diffusion.step_levels[:-1]):
+        mean, std = diffusion.step_distribution(lambda x, t, cond: x0_hat, x, step, None)
+        now, previous = alphas_cumprod[level], alphas_cumprod[level - 1]
+        beta = 1 - now / previous
+        expected_mean = (previous.sqrt() * beta * x0_hat + (1 - beta).sqrt() * (1 - previous) * x) / (1 - now)
+        assert torch.allclose(mean, expected_mean, atol=1e-5)
+        assert std == pytest.approx(((1 - previous) / (1 - now) * beta).sqrt().item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("sampler, options", [("ddpm", dict(steps=6)), ("ddim", dict(steps=6)),
                                               ("sm", dict(steps=6)), ("fm", dict(steps=6, fm_solver="heun")),
                                               ("dpm_solver++", dict(steps=6))])
