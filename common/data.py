@@ -36,6 +36,7 @@ import h5py
 import minari
 import numpy as np
 import torch
+from minari.dataset.minari_storage import is_image_space
 
 from common.runtime import UserError
 
@@ -215,13 +216,32 @@ def _minari_env_id(dataset: minari.MinariDataset) -> str:
     return dataset.env_spec.id if dataset.env_spec is not None else ""
 
 
+def _read_hdf5_episodes(path: Path, episode_indices: np.ndarray):
+    """Minari's HDF5 episodes with plain Box spaces, read through h5py's low-level API: twice as fast as
+    storage.get_episodes, whose per-dataset overhead dominates for datasets of many short episodes (Nav1D)."""
+    keys = ("observations", "actions", "rewards", "terminations")
+    with h5py.File(path, "r") as file:
+        for index in episode_indices:
+            episode = {"id": int(index)}
+            for key in keys:
+                stored = h5py.h5d.open(file.id, f"episode_{index}/{key}".encode())
+                episode[key] = np.empty(stored.shape, dtype=stored.dtype)
+                stored.read(h5py.h5s.ALL, h5py.h5s.ALL, episode[key])
+            yield episode
+
+
 def _minari_arrays(dataset: minari.MinariDataset) -> dict[str, np.ndarray]:
     """Concatenate every episode of a Minari dataset into transition arrays (one pass over the file)."""
     space = dataset.observation_space
     columns: dict[str, list[np.ndarray]] = {key: [] for key in
                                             ("observations", "next_observations", "actions", "rewards", "terminals",
                                              "episode_ends")}
-    for episode in dataset.storage.get_episodes(dataset.episode_indices):
+    hdf5_file = Path(dataset.spec.data_path) / "main_data.hdf5"
+    plain_boxes = (isinstance(space, gym.spaces.Box) and isinstance(dataset.action_space, gym.spaces.Box)
+                   and not is_image_space(space))  # image observations may be stored JPEG-encoded
+    episodes = (_read_hdf5_episodes(hdf5_file, dataset.episode_indices) if plain_boxes and hdf5_file.is_file()
+                else dataset.storage.get_episodes(dataset.episode_indices))
+    for episode in episodes:
         steps = len(episode["rewards"])
         if steps == 0:
             continue

@@ -1,0 +1,334 @@
+"""common/data.py: dataset resolution and loading (Nav1D, Minari, raw D4RL HDF5), errors, windows, normalisation,
+reward convention and lockstep evaluation."""
+import os
+import subprocess
+import sys
+import warnings
+
+import gymnasium as gym
+import h5py
+import minari
+import numpy as np
+import pytest
+import torch
+from minari.data_collector import EpisodeBuffer
+
+import nav1d
+from common.data import (
+    D4RL_REFERENCE_RETURNS,
+    DatasetError,
+    FlatObservation,
+    Normalizer,
+    OfflineData,
+    eval_seed,
+    evaluate,
+    flatten_observation,
+    gather_windows,
+    iql_rewards,
+    load_offline_data,
+    normalized_score,
+    observation_keys,
+    sample_windows_index,
+)
+
+TINY_HOPPER = "test/hopper/tiny-v0"
+
+
+@pytest.fixture(scope="module")
+def nav1d_full():
+    return load_offline_data("nav1d-full")
+
+
+@pytest.fixture(scope="module")
+def tiny_hopper(minari_datasets_path):
+    """20 random Hopper-v5 episodes of at most 50 steps (time-limited ones are truncations)."""
+    env = gym.make("Hopper-v5")
+    rng = np.random.default_rng(0)
+    buffers = []
+    for episode in range(20):
+        observation, _ = env.reset(seed=episode)
+        observations, actions, rewards, terminations, truncations = [observation], [], [], [], []
+        for step in range(50):
+            action = rng.uniform(-1, 1, 3).astype(np.float32)
+            observation, step_reward, terminated, _, _ = env.step(action)
+            observations.append(observation)
+            actions.append(action)
+            rewards.append(step_reward)
+            terminations.append(terminated)
+            truncations.append(step == 49 and not terminated)
+            if terminated:
+                break
+        buffers.append(EpisodeBuffer(id=episode, observations=np.stack(observations), actions=np.stack(actions),
+                                     rewards=np.array(rewards), terminations=np.array(terminations),
+                                     truncations=np.array(truncations)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return minari.create_dataset_from_buffers(TINY_HOPPER, buffers, env="Hopper-v5", algorithm_name="random")
+
+
+@pytest.fixture
+def d4rl_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No dataset download is ever attempted (it would need the network)."""
+    def refuse(dataset_id, force_download=False):
+        raise ConnectionError("no network in tests")
+    monkeypatch.setattr(minari, "download_dataset", refuse)
+
+
+def write_d4rl_file(path, episodes=3, length=100, next_observations=True, rewards=None):
+    """A file in the D4RL layout for Hopper: episodes of `length` steps, each ending in a time-out except the
+    last of episode 0, which terminates (so the file also has a true termination)."""
+    rng = np.random.default_rng(1)
+    count = episodes * length
+    terminals = np.zeros(count, dtype=bool)
+    timeouts = np.zeros(count, dtype=bool)
+    timeouts[length - 1::length] = True
+    terminals[length - 1], timeouts[length - 1] = True, False
+    with h5py.File(path, "w") as file:
+        file["observations"] = rng.normal(size=(count, 11)).astype(np.float32)
+        file["actions"] = rng.uniform(-1, 1, (count, 3)).astype(np.float32)
+        file["rewards"] = rng.uniform(0, 3, count).astype(np.float32) if rewards is None else rewards
+        file["terminals"] = terminals
+        file["timeouts"] = timeouts
+        if next_observations:
+            file["next_observations"] = rng.normal(size=(count, 11)).astype(np.float32)
+
+
+def toy_data(family="other", episode_lengths=(3, 2), rewards=None) -> OfflineData:
+    count = sum(episode_lengths)
+    ends = np.zeros(count, dtype=bool)
+    ends[np.cumsum(episode_lengths) - 1] = True
+    observations = np.arange(count, dtype=np.float32)[:, None] * np.array([[1.0, 10.0]], dtype=np.float32)
+    return OfflineData(
+        name="toy", source="test", family=family, observations=observations,
+        actions=observations[:, :1] + 100, rewards=np.ones(count, np.float32) if rewards is None else rewards,
+        next_observations=observations + 1, terminals=ends.copy(), episode_ends=ends, ref_min_score=0.0,
+        ref_max_score=10.0, make_env=lambda: None, action_low=-np.ones(1), action_high=np.ones(1),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def test_nav1d_names_load_the_local_minari_dataset(nav1d_full):
+    data = nav1d_full
+    assert data.source == "minari:nav1d/full-v0" and data.family == "nav1d"
+    assert data.observations.shape == (8000, 2) and data.actions.shape == (8000, 1)
+    assert data.observations.dtype == np.float32 and data.rewards.dtype == np.float32
+    assert data.terminals.sum() == 1000 and np.array_equal(data.terminals, data.episode_ends)
+    assert len(data.episode_slices()) == 1000
+    np.testing.assert_allclose(data.next_observations[:-1][~data.episode_ends[:-1]],
+                               data.observations[1:][~data.episode_ends[:-1]])
+    assert data.ref_min_score == pytest.approx(nav1d.random_return())
+    assert data.ref_max_score == pytest.approx(nav1d.optimal_return())
+    assert normalized_score(data, [nav1d.optimal_return(), nav1d.random_return()]) == pytest.approx([100.0, 0.0])
+    assert load_offline_data("nav1d/full-v0").source == data.source
+    with pytest.raises(DatasetError, match="nav1d-partial"):
+        load_offline_data("nav1d-medium")
+
+
+def test_minari_round_trip_loads_normalises_and_evaluates(tiny_hopper):
+    data = load_offline_data(TINY_HOPPER)
+    episodes = list(tiny_hopper.iterate_episodes())
+    assert data.source == f"minari:{TINY_HOPPER}" and data.family == "locomotion"
+    assert (data.ref_min_score, data.ref_max_score) == D4RL_REFERENCE_RETURNS["hopper"]
+    assert len(data) == sum(len(episode) for episode in episodes) and data.episode_ends.sum() == 20
+    assert data.terminals.sum() == sum(episode.terminations.sum() for episode in episodes)
+    np.testing.assert_allclose(data.episode_returns(), [episode.rewards.sum() for episode in episodes], rtol=1e-5)
+    normalizer = Normalizer.from_array(data.observations)
+    normalized = normalizer.normalize(data.observations)
+    np.testing.assert_allclose(normalized.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(normalizer.unnormalize(normalized), data.observations, atol=1e-4)
+
+    def policy(observations, env_ids):
+        assert observations.shape[1] == 11
+        return np.tanh(normalizer.normalize(observations)[:, :3])
+
+    result = evaluate(policy, data.make_env, episodes=2, seed=0, max_steps=10)
+    assert list(result.lengths) == [10, 10] and result.observations[0].shape == (11, 11)
+    assert result.actions[1].shape == (10, 3)
+    assert np.all(np.isfinite(normalized_score(data, result.returns)))
+
+
+def test_d4rl_hdf5_file_loads_through_the_d4rl_name(d4rl_dir, offline):
+    write_d4rl_file(d4rl_dir / "hopper_medium-v2.hdf5")
+    data = load_offline_data("hopper-medium-v2")
+    assert data.source == f"d4rl-hdf5:{d4rl_dir / 'hopper_medium-v2.hdf5'}" and data.family == "locomotion"
+    assert len(data) == 300 and data.observations.shape == (300, 11) and data.actions.shape == (300, 3)
+    assert data.terminals.sum() == 1 and data.episode_ends.sum() == 3
+    assert [s.stop - s.start for s in data.episode_slices()] == [100, 100, 100]
+    assert normalized_score(data, [3234.3]) == pytest.approx([100.0])
+    assert data.make_env().spec.id == "Hopper-v5"
+
+
+def test_d4rl_file_without_next_observations_drops_time_out_steps(d4rl_dir, offline):
+    write_d4rl_file(d4rl_dir / "hopper-medium-v2.hdf5", next_observations=False)
+    data = load_offline_data("hopper-medium-v2")
+    # episode 0 terminates (kept whole); episodes 1 and 2 end in a time-out whose successor is unknown
+    assert [s.stop - s.start for s in data.episode_slices()] == [100, 99, 99]
+    inside = ~data.episode_ends
+    np.testing.assert_array_equal(data.next_observations[inside], data.observations[1:][inside[:-1]])
+
+
+def test_nonfinite_rewards_are_a_dataset_error(d4rl_dir, offline):
+    rewards = np.ones(300, dtype=np.float32)
+    rewards[42] = np.nan
+    write_d4rl_file(d4rl_dir / "hopper_medium-v2.hdf5", rewards=rewards)
+    with pytest.raises(DatasetError, match=r"non-finite rewards \(first at transition 42") as error:
+        load_offline_data("hopper-medium-v2")
+    assert "\n" not in str(error.value)
+
+
+def test_truncated_file_and_missing_keys_are_dataset_errors(d4rl_dir, offline):
+    write_d4rl_file(d4rl_dir / "hopper_medium-v2.hdf5")
+    content = (d4rl_dir / "hopper_medium-v2.hdf5").read_bytes()
+    (d4rl_dir / "hopper_medium-v2.hdf5").write_bytes(content[: len(content) // 3])
+    with pytest.raises(DatasetError, match="cannot read D4RL file .*hopper_medium-v2.hdf5"):
+        load_offline_data("hopper-medium-v2")
+    with h5py.File(d4rl_dir / "walker2d_expert-v2.hdf5", "w") as file:
+        file["observations"] = np.zeros((5, 17), np.float32)
+    with pytest.raises(DatasetError, match="missing keys actions, rewards, terminals, timeouts"):
+        load_offline_data("walker2d-expert-v2")
+
+
+def test_wrong_observation_size_is_a_dataset_error(d4rl_dir, offline):
+    write_d4rl_file(d4rl_dir / "halfcheetah_medium-v2.hdf5")  # hopper-sized data under a halfcheetah name
+    with pytest.raises(DatasetError, match="HalfCheetah-v5"):
+        load_offline_data("halfcheetah-medium-v2")
+
+
+def test_missing_dataset_message_names_places_and_commands(d4rl_dir, offline):
+    with pytest.raises(DatasetError) as error:
+        load_offline_data("walker2d-medium-v2")
+    message = str(error.value)
+    assert "\n" not in message and "walker2d-medium-v2" in message
+    assert str(d4rl_dir) in message and "walker2d_medium-v2.hdf5" in message
+    assert "gym_mujoco_v2/walker2d_medium-v2.hdf5" in message
+    assert "minari download mujoco/walker2d/medium-v0" in message
+    with pytest.raises(DatasetError, match="minari download D4RL/antmaze/umaze-diverse-v1"):
+        load_offline_data("antmaze-umaze-diverse-v2")
+    with pytest.raises(DatasetError, match="minari download D4RL/kitchen/mixed-v2"):
+        load_offline_data("kitchen-mixed-v0")
+    with pytest.raises(DatasetError, match="minari download D4RL/door/human-v2"):
+        load_offline_data("door-human-v1")
+    with pytest.raises(DatasetError, match="no port") as error:
+        load_offline_data("hopper-medium-replay-v2")
+    assert "minari download" not in str(error.value)
+
+
+def test_missing_dataset_exits_with_code_2_and_one_line(tmp_path, repo_root):
+    script = (
+        "import minari\n"
+        "minari.download_dataset = lambda *a, **k: (_ for _ in ()).throw(ConnectionError('offline'))\n"
+        "from common.data import load_offline_data\n"
+        "from common.runtime import cli\n"
+        "from dataclasses import dataclass\n"
+        "@dataclass\nclass Args:\n    env: str = 'hopper-expert-v2'\n"
+        "cli(lambda args: load_offline_data(args.env), Args)\n"
+    )
+    environment = dict(os.environ, D4RL_DATASET_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=environment, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: dataset hopper-expert-v2 not found")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def test_windows_pad_at_episode_ends():
+    data = toy_data(episode_lengths=(3, 2))  # transitions 0 1 2 | 3 4
+    starts = sample_windows_index(data, horizon=3)
+    np.testing.assert_array_equal(starts, np.arange(5))
+    np.testing.assert_array_equal(sample_windows_index(data, horizon=3, pad=False), [0])
+    np.testing.assert_array_equal(sample_windows_index(data, horizon=2, pad=False), [0, 1, 3])
+    windows, valid = gather_windows(data.observations, starts, 3, data.episode_ends)
+    assert windows.shape == (5, 3, 2)
+    np.testing.assert_array_equal(windows[:, :, 0], [[0, 1, 2], [1, 2, 2], [2, 2, 2], [3, 4, 4], [4, 4, 4]])
+    np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0]])
+    actions, _ = gather_windows(data.actions, starts, 3, data.episode_ends, pad="zero")
+    np.testing.assert_array_equal(actions[:, :, 0], [[100, 101, 102], [101, 102, 0], [102, 0, 0],
+                                                     [103, 104, 0], [104, 0, 0]])
+    rewards, _ = gather_windows(data.rewards, np.array([4, 0]), 2, data.episode_ends, pad="zero")
+    np.testing.assert_array_equal(rewards, [[1, 0], [1, 1]])
+
+
+def test_normalizer_torch_and_state_dict():
+    values = np.random.default_rng(0).normal(3.0, 2.0, (500, 2)).astype(np.float32)
+    values[:, 1] = 5.0  # a constant dimension stays finite thanks to the std floor
+    normalizer = Normalizer.from_array(values)
+    assert normalizer.std[1] == pytest.approx(1e-3)
+    restored = Normalizer.from_state_dict(normalizer.state_dict())
+    tensor = torch.as_tensor(values, dtype=torch.float64)
+    normalized = restored.normalize(tensor)
+    assert isinstance(normalized, torch.Tensor) and normalized.dtype == torch.float64
+    np.testing.assert_allclose(normalized.numpy(), normalizer.normalize(values), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(restored.unnormalize(normalized), tensor)
+
+
+def test_iql_reward_convention():
+    rewards = np.array([1.0, 2.0, 3.0, 0.5, 0.5], dtype=np.float32)  # episode returns 6 and 1
+    np.testing.assert_allclose(iql_rewards(toy_data("locomotion", rewards=rewards)), rewards * 1000 / 5)
+    np.testing.assert_allclose(iql_rewards(toy_data("antmaze", rewards=rewards)), rewards - 1)
+    np.testing.assert_allclose(iql_rewards(toy_data("nav1d", rewards=rewards)), rewards)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def test_eval_seeds_differ_per_episode_and_follow_the_run_seed():
+    seeds = [eval_seed(0, episode) for episode in range(50)]
+    assert len(set(seeds)) == 50
+    assert [eval_seed(0, episode) for episode in range(50)] == seeds
+    assert len(set(seeds) & {eval_seed(1, episode) for episode in range(50)}) == 0
+
+
+def test_evaluate_runs_in_lockstep_with_seeded_episodes(nav1d_full):
+    class Greedy:
+        def __init__(self):
+            self.batch_sizes = []
+
+        def reset(self, num_envs):
+            self.num_envs = num_envs
+
+        def __call__(self, observations, env_ids):
+            self.batch_sizes.append(len(env_ids))
+            steps = np.rint(observations[:, 1] * nav1d.HORIZON)
+            return torch.as_tensor(nav1d.greedy_action(observations[:, 0], steps)[:, None])
+
+    policy = Greedy()
+    result = evaluate(policy, nav1d_full.make_env, episodes=6, seed=3)
+    assert policy.num_envs == 6 and policy.batch_sizes == [6] * nav1d.HORIZON
+    assert list(result.lengths) == [8] * 6 and result.terminated.all()
+    starts = [episode[0, 0] for episode in result.observations]
+    assert len(set(starts)) == 6
+    assert [episode[0, 0] for episode in evaluate(policy, nav1d_full.make_env, 6, seed=3).observations] == starts
+    assert set(starts).isdisjoint(episode[0, 0] for episode in evaluate(policy, nav1d_full.make_env, 6, 4).observations)
+    assert result.returns.mean() > 6.0
+    positions = np.stack([episode[:, 0] for episode in result.observations])
+    actions = np.stack([episode[:, 0] for episode in result.actions])
+    assert nav1d.plan_coherency(positions[:, :-1], actions, positions[:, 1:]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_dict_observations_flatten_the_same_way_for_data_and_env():
+    box = lambda n: gym.spaces.Box(-np.inf, np.inf, (n,), np.float64)  # noqa: E731
+    antmaze = gym.spaces.Dict({"achieved_goal": box(2), "desired_goal": box(2), "observation": box(27)})
+    kitchen = gym.spaces.Dict({"achieved_goal": gym.spaces.Dict({"kettle": box(7)}),
+                               "desired_goal": gym.spaces.Dict({"kettle": box(7)}), "observation": box(59)})
+    assert observation_keys(antmaze) == [("observation",), ("desired_goal",)]
+    assert observation_keys(kitchen) == [("observation",)]
+    sequence = {"achieved_goal": np.zeros((5, 2)), "desired_goal": np.full((5, 2), 7.0),
+                "observation": np.ones((5, 27))}
+    flat = flatten_observation(antmaze, sequence)
+    assert flat.shape == (5, 29) and flat.dtype == np.float32 and np.all(flat[:, 27:] == 7.0)
+
+    class GoalEnv(gym.Env):
+        observation_space = antmaze
+        action_space = gym.spaces.Box(-1, 1, (8,), np.float32)
+
+        def reset(self, *, seed=None, options=None):
+            return {key: value[0] for key, value in sequence.items()}, {}
+
+    env = FlatObservation(GoalEnv())
+    assert env.observation_space.shape == (29,)
+    np.testing.assert_array_equal(env.reset()[0], flat[0])
