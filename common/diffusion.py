@@ -234,6 +234,7 @@ class Diffusion:
 
     @property
     def num_sample_steps(self) -> int:
+        """Number of sampler steps S (network calls: S, or 2 S for fm with Heun)."""
         return self.steps
 
     def noise_levels(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -293,9 +294,7 @@ class Diffusion:
         if self.sampler == "fm":  # x_t = (1 - t) x0 + t z and v = z - x0  =>  z = x_t + (1 - t) v
             return x_t + _per_sample(1 - t, x_t) * prediction
         alpha, sigma = (_per_sample(level, x_t) for level in self.noise_levels(t))
-        if self.prediction == "x0":
-            return (x_t - alpha * prediction) / sigma
-        return sigma * x_t + alpha * prediction
+        return self._noise_from_output(prediction, x_t, alpha, sigma)
 
     def _split(self, prediction: Tensor, x: Tensor, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
         """VP network output at scalar levels (alpha, sigma) -> (x0_hat, eps_hat)."""
@@ -305,8 +304,8 @@ class Diffusion:
             return prediction, (x - alpha * prediction) / sigma
         return alpha * x - sigma * prediction, sigma * x + alpha * prediction
 
-    def _noise_from_output(self, prediction: Tensor, x: Tensor, alpha: float, sigma: float) -> Tensor:
-        """eps_hat alone (the score sampler needs nothing else)."""
+    def _noise_from_output(self, prediction: Tensor, x: Tensor, alpha, sigma) -> Tensor:
+        """VP network output -> eps_hat alone; alpha, sigma are floats or tensors broadcastable to x."""
         if self.prediction == "eps":
             return prediction
         if self.prediction == "x0":
