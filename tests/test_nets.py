@@ -188,6 +188,9 @@ def test_lora_layer_init_training_disable_and_merge(make_layer, make_input):
     with torch.no_grad():
         adapted = wrapper(x)
         assert not torch.allclose(adapted, reference(x))
+        # the weight-delta forward is the LoRA definition base(x) + up(down(x)) * alpha / rank
+        low_rank_path = reference(x) + wrapper.lora_up(wrapper.lora_down(x)) * 2.0
+        torch.testing.assert_close(adapted, low_rank_path, rtol=1e-5, atol=1e-6)
         with lora_disabled(wrapper):
             torch.testing.assert_close(wrapper(x), reference(x), rtol=0, atol=0)
         torch.testing.assert_close(wrapper(x), adapted)
