@@ -60,6 +60,8 @@ def _inputs(batch=B):
 def test_time_embeddings():
     t = torch.rand(B)
     assert SinusoidalTimeEmbedding(32)(t).shape == (B, 32)
+    at_zero = SinusoidalTimeEmbedding(8)(torch.zeros(1))
+    torch.testing.assert_close(at_zero, torch.tensor([[0.0] * 4 + [1.0] * 4]))
     assert SinusoidalTimeEmbedding(7)(t).shape == (B, 7)
     fourier = GaussianFourierTime(16, 30.0)
     assert fourier(t).shape == (B, 32)
@@ -286,3 +288,13 @@ def test_sequence_denoisers_fit_a_fixed_batch(name):
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
     assert model.x_cond_proj.weight.abs().sum() > 0
+
+
+def test_lora_follows_the_base_dtype_and_moves_with_the_model():
+    model = TemporalUNet(X_DIM, H, base_dim=8).double()
+    params = inject_lora(model, rank=2, alpha=2.0)
+    assert all(p.dtype == torch.float64 for p in params)
+    model.float()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    x = torch.randn(2, H, X_DIM)
+    assert model(x, torch.rand(2)).shape == x.shape
