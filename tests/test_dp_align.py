@@ -1,0 +1,281 @@
+"""dp_align.py: loss unit tests (DESIGN 6), argument errors, smoke runs of every sampler with every method it supports,
+Ctrl-C + --resume, and a tiny Hopper-v5 Minari dataset end to end."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import dp_align
+from common.diffusion import Diffusion
+from common.nets import MLPDenoiser, lora_parameters
+
+SCRIPT = dp_align.__file__
+# Tiny Nav1D runs: every stage a few steps, small networks, few evaluation episodes.
+TINY = ["--foundation-steps", "20", "--critic-steps", "20", "--rl-steps", "2", "--qvpg-steps", "2", "--dpo-steps", "2",
+        "--sft-steps", "2", "--cascade-steps", "2", "--eval-episodes", "4", "--hidden", "16", "--critic-hidden", "16",
+        "--batch-size", "32", "--align-batch", "4", "--group-size", "4", "--sample-steps", "4", "--train-steps", "8",
+        "--log-every", "1", "--num-candidates", "4"]
+
+
+def run_script(tmp_path, *args, timeout=300):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return MLPDenoiser(1, 2, 2, hidden=16, layers=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss unit tests
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.5), ("sm", 0.0)])
+def test_ppo_ratio_is_one_before_the_first_update(sampler, eta):
+    diffusion = Diffusion(sampler, 5, train_steps=10 if sampler != "sm" else None, eta=eta)
+    model = small_model()
+    cond = torch.randn(6, 2)
+    with torch.no_grad():
+        rollout = diffusion.sample(model, (2, 1), cond, samples_per_cond=3, return_chain=True)
+    advantages = torch.randn(18)
+    steps = rollout.stochastic.nonzero().flatten().tolist()
+    assert steps, "a stochastic sampler must have stochastic steps"
+    for step in steps:
+        log_prob, _ = dp_align.denoising_log_prob(diffusion, model, rollout.chain, step, rollout.cond)
+        loss, ratio = dp_align.ppo_step_loss(log_prob, rollout.log_probs[step], advantages, torch.ones(18), 0.2)
+        torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
+        torch.testing.assert_close(loss, -advantages.mean(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "fm"])
+def test_dpo_loss_is_log_2_when_the_model_equals_the_reference(sampler):
+    diffusion = Diffusion(sampler, 5)
+    foundation = small_model()
+    policy, reference = dp_align.make_policy(foundation, lora_rank=4, lora_alpha=8.0)
+    winners, losers, cond = torch.randn(16, 2, 1), torch.randn(16, 2, 1), torch.randn(16, 2)
+    loss, accuracy = dp_align.dpo_loss(diffusion, policy, reference, winners, losers, cond, beta=100.0)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+    assert accuracy.item() == 0.0  # logits are exactly 0: no pair is preferred yet
+    loss.backward()  # and the loss has gradients for the adapters (the winners' and losers' errors differ)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(policy))
+
+
+class StepBias(nn.Module):
+    """x0_hat = x / 2 + bias[k] for discrete noise level k: each sampler step has its own parameter, samples stay
+    bounded (inside the critic's box), and every step's output depends on its input."""
+
+    def __init__(self, levels):
+        super().__init__()
+        self.levels = levels
+        self.bias = nn.Parameter(torch.linspace(-0.5, 0.5, levels + 1))
+
+    def forward(self, x, t, cond):
+        return 0.5 * x + self.bias[(t * self.levels).round().long()].view(-1, 1, 1)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_qvpg_gradients_reach_only_the_last_k_steps(k):
+    steps = 6
+    diffusion = Diffusion("ddim", steps, eta=0.0, prediction="x0")  # deterministic: QV-PG's home ground
+    policy = StepBias(steps)
+    critic = SimpleNamespace(q_value=lambda obs, action: -(action - 0.3).pow(2).sum(-1))
+    args = dp_align.Args(group_size=2, sample_steps=steps, kl_coef=0.0, entropy_coef=0.0)
+    ws = SimpleNamespace(args=args, diffusion=diffusion, policy=policy, chunk_shape=(2, 1), critic=critic)
+    loss, _ = dp_align.qvpg_loss(ws, torch.zeros(3, 1), torch.zeros(3, 1), k)
+    loss.backward()
+    used_levels = diffusion.step_levels[:-1]  # level of each step, in sampling order
+    with_gradient = {level for level in used_levels if policy.bias.grad[level].abs() > 0}
+    assert with_gradient == set(used_levels[-k:])
+
+
+def test_lora_reference_equals_the_foundation_after_training():
+    foundation = small_model().requires_grad_(False)  # as the script's foundation (an EMA copy) is
+    x, t, cond = torch.randn(8, 2, 1), torch.rand(8), torch.randn(8, 2)
+    for rank in (4, 0):
+        policy, reference = dp_align.make_policy(foundation, lora_rank=rank, lora_alpha=8.0)
+        torch.testing.assert_close(policy(x, t, cond), foundation(x, t, cond))
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for parameter in trainable:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        assert not torch.allclose(policy(x, t, cond), foundation(x, t, cond))
+        torch.testing.assert_close(reference(x, t, cond), foundation(x, t, cond))
+        assert all(not p.requires_grad for p in foundation.parameters())  # make_policy never unfreezes it
+    assert all(p.requires_grad for p in lora_parameters(dp_align.make_policy(foundation, 4, 8.0)[0]))
+
+
+@pytest.mark.parametrize("backbone", ["dit", "mlp"])
+def test_cascade_equals_the_foundation_at_initialisation(backbone):
+    args = dp_align.Args(backbone=backbone, hidden=16, depth=2, heads=2, pred_horizon=2)
+    foundation = dp_align.build_denoiser(args, action_dim=1, cond_dim=2)
+    with torch.no_grad():  # a trained-looking foundation: DiT starts with zero output layers
+        for parameter in foundation.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    cascade = dp_align.make_cascade(args, foundation, action_dim=1, cond_dim=2)
+    x, t, cond, sample = torch.randn(8, 2, 1), torch.rand(8), torch.randn(8, 2), torch.randn(8, 2, 1)
+    torch.testing.assert_close(cascade(x, t, torch.cat([cond, sample.flatten(1)], 1)), foundation(x, t, cond))
+
+
+def test_credit_weights_have_mean_one_over_stochastic_steps():
+    chain = torch.randn(6, 10, 2, 1)
+    stochastic = torch.tensor([True, True, True, True, False])
+    for scheme in ("uniform", "decay", "similarity"):
+        weights = dp_align.credit_weights(chain, stochastic, scheme, 0.8)
+        assert torch.all(weights[~stochastic] == 0)
+        torch.testing.assert_close(weights[stochastic].mean(0), torch.ones(10))
+    decay = dp_align.credit_weights(chain, stochastic, "decay", 0.8)[:, 0]
+    assert torch.all(decay[1:4] > decay[:3])  # larger near x_0
+
+
+def test_group_advantages_are_standardised_per_state():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0])
+    advantages = dp_align.group_advantages(rewards, 4).view(2, 4)
+    torch.testing.assert_close(advantages.mean(1), torch.zeros(2))
+    assert advantages[0].std().item() == pytest.approx(1.0, abs=1e-4) and torch.all(advantages[1] == 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument errors: exit code 2, one line
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra,needle", [
+    (["--sampler", "fm", "--align", "rl"], "qvpg"),
+    (["--sampler", "ddim", "--align", "dpo,rl"], "--eta"),
+    (["--align", "rl,magic"], "unknown alignment method"),
+    (["--sampler", "euler"], "unknown --sampler"),
+    (["--qvpg-k", "99"], "--qvpg-k"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, extra, needle):
+    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "run"), *extra)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # validated before any work
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Smoke runs: every sampler with every method it supports (one run per sampler), spreading the options over them
+# ----------------------------------------------------------------------------------------------------------------
+SMOKE_RUNS = {
+    "ddpm": ["--align", "rl,qvpg,dpo,sft,cascade", "--credit", "similarity", "--kl-coef", "0.1",
+             "--entropy-coef", "0.1", "--selection", "idql"],
+    "ddim": ["--align", "qvpg,dpo,sft,cascade", "--qvpg-random-k", "--kl-coef", "0.1", "--backbone", "mlp",
+             "--selection", "greedy", "--lora-rank", "0"],
+    "ddim-eta": ["--sampler", "ddim", "--eta", "0.5", "--align", "rl,cascade", "--rl-algo", "reinforce",
+                 "--credit", "decay", "--passes", "2", "--online-episodes", "3", "--online-critic-steps", "2"],
+    "sm": ["--align", "rl,qvpg,dpo,sft,cascade", "--sft-source", "reference", "--prediction", "x0"],
+    "fm": ["--align", "qvpg,dpo,sft,cascade", "--kl-coef", "0.1", "--obs-horizon", "2", "--pred-horizon", "4",
+           "--action-horizon", "2"],
+}
+
+
+@pytest.mark.parametrize("name", list(SMOKE_RUNS))
+def test_smoke_run(tmp_path, name):
+    sampler = name.split("-")[0]
+    run_dir = tmp_path / "run"
+    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(run_dir), "--sampler", sampler, *TINY,
+                        *SMOKE_RUNS[name])
+    assert result.returncode == 0, result.stderr[-3000:]
+    methods = SMOKE_RUNS[name][SMOKE_RUNS[name].index("--align") + 1].split(",")
+    passes = 2 if "--passes" in SMOKE_RUNS[name] else 1
+    stages = summary(run_dir)["stages"]
+    expected = ["foundation"] + [f"pass{p}/{m}" for p in range(1, passes + 1) for m in methods] + ["aligned"]
+    assert list(stages) == expected
+    for stats in stages.values():
+        assert np.isfinite(stats["return_mean"]) and 0 <= stats["coherency"] <= 1 and stats["episodes"] == 4
+    data = summary(run_dir)
+    assert set(data["coherency"]) == set(expected)
+    assert {"foundation_steps_per_s", "critic_steps_per_s", "action_latency_ms"} <= set(data["throughput"])
+    assert list((run_dir).glob("events.out.tfevents*"))
+
+
+def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["--env", "nav1d-full", "--run-dir", str(run_dir), *TINY, "--align", "dpo,sft", "--save-every", "5"]
+    process = subprocess.Popen([sys.executable, SCRIPT, *common, "--foundation-steps", "1000000"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    checkpoint = run_dir / "checkpoints" / "latest.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "interrupted: checkpoint saved to" in stderr
+    interrupted_at = torch.load(checkpoint, weights_only=False)
+    assert interrupted_at["stage"] == "foundation" and interrupted_at["step"] >= 5
+
+    resumed = run_script(tmp_path, *common, "--foundation-steps", str(interrupted_at["step"] + 10), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming stage 'foundation' at step {interrupted_at['step']}" in resumed.stdout
+    assert list(summary(run_dir)["stages"]) == ["foundation", "pass1/dpo", "pass1/sft", "aligned"]
+
+    # A second --resume with one more pass skips every finished stage and runs only pass 2.
+    extended = run_script(tmp_path, *common, "--foundation-steps", str(interrupted_at["step"] + 10), "--resume",
+                          "--passes", "2")
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert "[foundation]" not in extended.stdout and "[pass1/dpo]" not in extended.stdout
+    stages = summary(run_dir)["stages"]
+    assert list(stages) == ["foundation", "pass1/dpo", "pass1/sft", "pass2/dpo", "pass2/sft", "aligned"]
+
+
+def test_resume_without_a_checkpoint_exits_2(tmp_path):
+    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "empty"), "--resume")
+    assert result.returncode == 2 and "no checkpoint" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny Hopper-v5 Minari dataset end to end
+# ----------------------------------------------------------------------------------------------------------------
+def make_tiny_hopper_dataset(dataset_id, episodes=10, steps=30):
+    import gymnasium as gym
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    env = gym.make("Hopper-v5")
+    rng = np.random.default_rng(0)
+    buffers = []
+    for episode in range(episodes):
+        observation, _ = env.reset(seed=episode)
+        observations, actions, rewards, terminations, truncations = [observation], [], [], [], []
+        for step in range(steps):
+            action = rng.uniform(-1, 1, 3).astype(np.float32)
+            observation, reward, terminated, _, _ = env.step(action)
+            observations.append(observation)
+            actions.append(action)
+            rewards.append(reward)
+            terminations.append(terminated)
+            truncations.append(step == steps - 1 and not terminated)
+            if terminated:
+                break
+        buffers.append(EpisodeBuffer(id=episode, observations=np.stack(observations), actions=np.stack(actions),
+                                     rewards=np.array(rewards), terminations=np.array(terminations),
+                                     truncations=np.array(truncations)))
+    minari.create_dataset_from_buffers(dataset_id, buffers, env="Hopper-v5", algorithm_name="random")
+
+
+def test_tiny_hopper_minari_dataset_end_to_end(tmp_path):
+    dataset_id = "mujoco/hopper/dptiny-v0"
+    make_tiny_hopper_dataset(dataset_id)
+    run_dir = tmp_path / "hopper"
+    result = run_script(tmp_path, "--env", dataset_id, "--run-dir", str(run_dir), *TINY, "--eval-episodes", "2",
+                        "--eval-max-steps", "20", "--align", "rl,dpo", "--obs-horizon", "2", "--pred-horizon", "4",
+                        "--action-horizon", "2", "--sample-steps", "3", "--train-steps", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = summary(run_dir)
+    assert list(data["stages"]) == ["foundation", "pass1/rl", "pass1/dpo", "aligned"]
+    assert "coherency" not in data
+    assert all(np.isfinite(stats["normalized_mean"]) for stats in data["stages"].values())
