@@ -123,6 +123,14 @@ class InverseDynamics(nn.Module):
 # EDA behaviour model backbone
 
 
+def _check_cond(cond: torch.Tensor | None, cond_dim: int, model: str, what: str = "cond") -> None:
+    """A missing input, or one given to a model built without it (which would silently ignore it), is a wiring bug."""
+    if (cond is None) == (cond_dim > 0):
+        dim_name = "cond_dim" if what == "cond" else "extra_in_dim"
+        raise ValueError(f"{model} was built with {dim_name}={cond_dim} but got {what}="
+                         f"{None if cond is None else tuple(cond.shape)}")
+
+
 class _PreNormResidualBlock(nn.Module):
     """x + Linear(SiLU(Linear(LayerNorm(Dropout(x))))): the IDQL residual block."""
 
@@ -164,6 +172,7 @@ class IDQLResidualMLP(nn.Module):
         self.head = nn.Sequential(nn.SiLU(), nn.Linear(hidden, x_dim if out_dim is None else out_dim))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        _check_cond(cond, self.cond_dim, "IDQLResidualMLP")
         parts = [self.x_embed(x), self.time_mlp(self.time_features(t))]
         if self.cond_embed is not None:
             parts.append(self.cond_embed(cond))
@@ -174,9 +183,6 @@ class IDQLResidualMLP(nn.Module):
 # Sequence denoisers (Diffuser U-Net, DiT, flattened MLP)
 
 
-def _require_cond(cond: torch.Tensor | None, cond_dim: int, model: str) -> None:
-    if cond is None:
-        raise ValueError(f"{model} was built with cond_dim={cond_dim} and needs a cond tensor")
 
 
 class _Conv1dBlock(nn.Module):
@@ -249,6 +255,7 @@ class TemporalUNet(nn.Module):
         self.cond_mlp = (nn.Sequential(nn.Linear(cond_dim, 4 * base_dim), nn.Mish(), nn.Linear(4 * base_dim, emb_dim))
                          if cond_dim > 0 else None)
         self.input_proj = nn.Conv1d(x_dim, base_dim, 1)
+        self.extra_in_dim = extra_in_dim
         self.x_cond_proj = _zero_init(nn.Conv1d(extra_in_dim, base_dim, 1)) if extra_in_dim > 0 else None
 
         self.down = nn.ModuleList()
@@ -275,8 +282,9 @@ class TemporalUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                 x_cond: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_mlp(t)
+        _check_cond(cond, self.cond_dim, "TemporalUNet")
+        _check_cond(x_cond, self.extra_in_dim, "TemporalUNet", "x_cond")
         if self.cond_mlp is not None:
-            _require_cond(cond, self.cond_dim, "TemporalUNet")
             emb = emb + self.cond_mlp(cond)
         emb = F.mish(emb)
         h = self.input_proj(x.transpose(1, 2))
@@ -336,6 +344,7 @@ class DiT1d(nn.Module):
         self.horizon = horizon
         self.cond_dim = cond_dim
         self.token_embed = nn.Linear(x_dim, hidden)
+        self.extra_in_dim = extra_in_dim
         self.x_cond_proj = _zero_init(nn.Linear(extra_in_dim, hidden)) if extra_in_dim > 0 else None
         self.position = nn.Parameter(torch.randn(1, horizon, hidden) * 0.02)
         self.time_mlp = nn.Sequential(SinusoidalTimeEmbedding(hidden), nn.Linear(hidden, hidden), nn.SiLU(),
@@ -350,8 +359,9 @@ class DiT1d(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                 x_cond: torch.Tensor | None = None) -> torch.Tensor:
         c = self.time_mlp(t)
+        _check_cond(cond, self.cond_dim, "DiT1d")
+        _check_cond(x_cond, self.extra_in_dim, "DiT1d", "x_cond")
         if self.cond_mlp is not None:
-            _require_cond(cond, self.cond_dim, "DiT1d")
             c = c + self.cond_mlp(cond)
         h = self.token_embed(x)
         if self.x_cond_proj is not None:
@@ -375,6 +385,7 @@ class MLPDenoiser(nn.Module):
         self.x_dim = x_dim
         self.cond_dim = cond_dim
         self.input_proj = nn.Linear(horizon * x_dim, hidden)
+        self.extra_in_dim = extra_in_dim
         self.x_cond_proj = _zero_init(nn.Linear(horizon * extra_in_dim, hidden)) if extra_in_dim > 0 else None
         self.time_mlp = nn.Sequential(SinusoidalTimeEmbedding(hidden), nn.Linear(hidden, hidden), nn.Mish(),
                                       nn.Linear(hidden, hidden))
@@ -389,8 +400,9 @@ class MLPDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                 x_cond: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_mlp(t)
+        _check_cond(cond, self.cond_dim, "MLPDenoiser")
+        _check_cond(x_cond, self.extra_in_dim, "MLPDenoiser", "x_cond")
         if self.cond_mlp is not None:
-            _require_cond(cond, self.cond_dim, "MLPDenoiser")
             emb = emb + self.cond_mlp(cond)
         h = self.input_proj(x.flatten(1))
         if self.x_cond_proj is not None:

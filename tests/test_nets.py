@@ -298,3 +298,16 @@ def test_lora_follows_the_base_dtype_and_moves_with_the_model():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     x = torch.randn(2, H, X_DIM)
     assert model(x, torch.rand(2)).shape == x.shape
+
+
+@pytest.mark.parametrize("name", ["unet", "dit", "mlp"])
+def test_missing_or_ignored_inputs_are_refused(name):
+    x, t, cond = _inputs()
+    with pytest.raises(ValueError, match="cond"):
+        _sequence_models()[name](x, t, None)
+    with pytest.raises(ValueError, match="x_cond"):
+        _sequence_models()[name](x, t, cond, torch.randn_like(x))
+    with pytest.raises(ValueError, match="x_cond"):
+        _sequence_models(extra_in_dim=X_DIM)[name](x, t, cond)
+    with pytest.raises(ValueError, match="cond_dim=0"):
+        TemporalUNet(X_DIM, H, base_dim=8)(x, t, cond)
