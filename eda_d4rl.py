@@ -1,0 +1,602 @@
+"""EDA: Efficient Diffusion Alignment, single-file reference implementation.
+
+Paper: Huayu Chen, Kaiwen Zheng, Hang Su, Jun Zhu. "Aligning Diffusion Behaviors with Q-functions for Efficient
+Continuous Control", NeurIPS 2024. Authors' code: https://github.com/thu-ml/Efficient-Diffusion-Alignment
+
+Overview. The behavior policy mu(a|s) is a diffusion model whose noise prediction is the action-gradient of a scalar
+network: eps(a_t|s,t) = -sigma_t * grad_a f(a_t|s,t). At the optimum f = log mu_t(a_t|s) + C(s,t), so the log density
+ratio of two such models is a difference of two forward passes. After pretraining f_phi on the dataset (stage 1) and
+an IQL critic (stage 2), we draw K candidate actions per dataset state from the frozen behavior model and label them
+with Q (stage 3). Alignment (stage 4) starts the policy f_theta as a copy of f_phi and trains it as a K-way classifier:
+the logit of candidate k is beta * (f_theta - f_phi)(a_t^k|s,t) at a noise level t shared by the K candidates, the
+target is softmax(q_scale * Q). Its optimum is pi(a|s) proportional to mu(a|s) exp(q_scale * Q(s,a) / beta). Both
+models are evaluated (stage 5) with DPM-Solver++ and best-of-`eval_candidates` selection by Q.
+
+    python eda_d4rl.py --env nav1d-full            # minutes on a CPU
+    python eda_d4rl.py --env hopper-medium-v2      # paper scale, one GPU
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.data import evaluate, iql_rewards, load_offline_data, normalized_score, Normalizer
+from common.diffusion import Diffusion, VPSDE
+from common.nets import IDQLResidualMLP, TwinQ, ValueNet, count_parameters
+from common.runtime import (UserError, apply_presets, capture_rng, check_finite, cli, load_module_state,
+                            print_results_table, read_checkpoint_file, restore_rng, seed_everything, stage_stats,
+                            start_run)
+
+SCRIPT = "eda_d4rl"
+STAGES = ("behavior", "critic", "candidates", "alignment", "evaluation", "done")
+T_MIN = 1e-3  # smallest diffusion time used in training, as in the authors' code
+
+
+@dataclass
+class Args:
+    exp_name: str = SCRIPT
+    """name of this experiment (used in the default run_dir)"""
+    seed: int = 0
+    """seed of the run (training, candidate sampling and evaluation seeds all follow from it)"""
+    env: str = "hopper-medium-v2"
+    """dataset: nav1d-{partial,full,expert}, a Minari id, or a D4RL name such as hopper-medium-v2"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    torch_deterministic: bool = True
+    """deterministic torch kernels (same seed and device -> same summary.json)"""
+    run_dir: str | None = None
+    """output folder; default runs/{env}__{exp_name}__{seed}__{unix_time}"""
+    resume: bool = False
+    """continue the run in run_dir from its latest checkpoint"""
+    eval_episodes: int = 20
+    """evaluation episodes per evaluated model"""
+    eval_every: int = 50_000
+    """alignment steps between evaluations of the policy during training (0: only the final evaluation)"""
+    save_every: int = 10_000
+    """steps between checkpoints (in the candidate stage one step is one batch of states)"""
+    compile: bool = False
+    """torch.compile the networks' forward passes (behavior pretraining stays eager: it needs double backward)"""
+
+    # behavior model (section 3.1)
+    behavior_steps: int = 1_000_000
+    """gradient steps of behavior pretraining"""
+    behavior_batch_size: int = 2048
+    """batch size of behavior pretraining"""
+    behavior_lr: float = 3e-4
+    """Adam learning rate of behavior pretraining"""
+    hidden: int = 256
+    """width of the residual MLP behind f"""
+    blocks: int = 3
+    """residual blocks of the MLP behind f"""
+    expansion: int = 4
+    """inner width factor of each residual block"""
+    dropout: float = 0.1
+    """dropout in the residual blocks during behavior pretraining (0 during alignment)"""
+    # IQL critic (section 3.2)
+    critic_steps: int = 1_500_000
+    """gradient steps of the IQL critic"""
+    critic_batch_size: int = 256
+    """batch size of the IQL critic"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of Q and V"""
+    critic_hidden: int = 256
+    """width of the two hidden layers of Q and V"""
+    gamma: float = 0.99
+    """discount"""
+    expectile: float = 0.7
+    """IQL expectile tau of the V loss"""
+    polyak: float = 0.005
+    """Polyak rate of the target Q networks"""
+    # candidates and Q labels (section 3.3)
+    K: int = 16
+    """candidate actions per state (the classes of the contrastive loss, >= 2)"""
+    data_ratio: float = 1.0
+    """fraction of dataset states that get candidates and Q labels (the paper's 1%-data experiment: 0.01)"""
+    sampler_steps: int = 15
+    """DPM-Solver++(2M) steps for candidates and evaluation"""
+    candidate_batch_size: int = 1024
+    """states per batch of candidate sampling (K samples each)"""
+    # alignment (section 3.4)
+    align_steps: int = 200_000
+    """gradient steps of the alignment"""
+    align_batch_size: int = 256
+    """states per alignment batch (each with its K candidates)"""
+    align_lr: float = 5e-5
+    """Adam learning rate of the policy"""
+    beta: float = 0.2
+    """inverse temperature of the logits beta * (f_policy - f_behavior); per-dataset values come from PRESETS"""
+    q_scale: float = 3.0
+    """labels are softmax(q_scale * Q) over the K candidates"""
+    labels: Literal["soft", "hard"] = "soft"
+    """soft: softmax(q_scale * Q); hard: one-hot argmax Q (the preference-based ablation; K=2 is DPO-like)"""
+    # evaluation (section 3.5)
+    eval_candidates: int = 4
+    """the action is the best of this many policy samples by Q (every model is also reported with 1)"""
+    # stages from other runs
+    load_behavior: str | None = None
+    """checkpoint of another eda_d4rl run whose behavior model to use instead of pretraining"""
+    load_critic: str | None = None
+    """checkpoint of another eda_d4rl run whose critic to use instead of training one"""
+    log_every: int = 1000
+    """steps between loss logs (and finiteness checks)"""
+
+
+# beta per D4RL dataset (paper appendix); the same keys with "/" match Minari ids (mujoco/hopper/medium-v0, ...).
+BETA_TABLE = {
+    "halfcheetah-medium-expert": 2.0, "halfcheetah-medium": 0.1, "halfcheetah-medium-replay": 0.2,
+    "hopper-medium-expert": 2.0, "hopper-medium": 0.2, "hopper-medium-replay": 0.2,
+    "walker2d-medium-expert": 0.3, "walker2d-medium": 0.5, "walker2d-medium-replay": 0.1,
+    "antmaze-umaze": 0.5, "antmaze-umaze-diverse": 5.0, "antmaze-medium-play": 1.0, "antmaze-medium-diverse": 1.0,
+    "kitchen-complete": 2.0, "kitchen-mixed": 3.0, "kitchen-partial": 3.0,
+}
+PRESETS: dict[str, dict] = {
+    **{name: {"beta": beta} for name, beta in BETA_TABLE.items()},
+    **{name.replace("-", "/", 1): {"beta": beta} for name, beta in BETA_TABLE.items()},
+    "antmaze": {"expectile": 0.9},
+    # Nav1D: 8000 transitions, 2-d state, 1-d action; sized to finish in a few minutes on 2 CPU cores.
+    "nav1d": {
+        "behavior_steps": 3000, "behavior_batch_size": 256, "hidden": 64, "blocks": 2, "expansion": 4,
+        "critic_steps": 6000, "critic_hidden": 128,
+        "align_steps": 1500, "align_batch_size": 64, "align_lr": 1e-4, "beta": 1.0,
+        "candidate_batch_size": 2000, "eval_every": 500, "save_every": 500, "log_every": 100,
+    },
+}
+
+
+def validate_args(args: Args) -> None:
+    """Reject bad hyper-parameters with a one-line message before any work is done."""
+    checks = [
+        (args.K >= 2, f"--K must be >= 2 (the alignment contrasts K candidates), got {args.K}"),
+        (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
+        (0 < args.data_ratio <= 1, f"--data-ratio must be in (0, 1], got {args.data_ratio}"),
+        (args.q_scale > 0, f"--q-scale must be > 0, got {args.q_scale}"),
+        (args.labels in ("soft", "hard"), f"--labels must be soft or hard, got {args.labels!r}"),
+        (0 < args.expectile < 1, f"--expectile must be in (0, 1), got {args.expectile}"),
+        (0 <= args.gamma < 1, f"--gamma must be in [0, 1), got {args.gamma}"),
+        (0 < args.polyak <= 1, f"--polyak must be in (0, 1], got {args.polyak}"),
+        (0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
+        (args.eval_candidates >= 1, f"--eval-candidates must be >= 1, got {args.eval_candidates}"),
+        (args.eval_episodes >= 1, f"--eval-episodes must be >= 1, got {args.eval_episodes}"),
+        (args.sampler_steps >= 1, f"--sampler-steps must be >= 1, got {args.sampler_steps}"),
+    ]
+    for name in ("behavior_steps", "critic_steps", "align_steps", "eval_every"):
+        checks.append((getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0"))
+    for name in ("behavior_batch_size", "critic_batch_size", "candidate_batch_size", "align_batch_size",
+                 "save_every", "log_every", "hidden", "blocks", "expansion", "critic_hidden"):
+        checks.append((getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1"))
+    for name in ("behavior_lr", "critic_lr", "align_lr"):
+        checks.append((getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0"))
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Networks and losses
+# ----------------------------------------------------------------------------------------------------------------
+class EnergyModel(nn.Module):
+    """Scalar "bottleneck" diffusion model f(a_t|s,t): the sum of a residual MLP's |A| outputs.
+
+    Its noise prediction is eps(a_t|s,t) = -sigma_t * grad_a f(a_t|s,t) (DESIGN 3.1)."""
+
+    def __init__(self, state_dim: int, action_dim: int, args: Args, sde: VPSDE):
+        super().__init__()
+        self.net = IDQLResidualMLP(action_dim, state_dim, hidden=args.hidden, blocks=args.blocks,
+                                   expansion=args.expansion, dropout=args.dropout)
+        self.sde = sde
+
+    def forward(self, actions_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return self.net(actions_t, t, states).sum(-1)
+
+    def noise_prediction(self, actions_t, t, states, create_graph: bool = False) -> torch.Tensor:
+        """-sigma_t * grad_a f; create_graph=True keeps the graph for a loss on eps (double backward)."""
+        with torch.enable_grad():
+            if not actions_t.requires_grad:
+                actions_t = actions_t.detach().requires_grad_(True)
+            energy = self(actions_t, t, states)
+            (grad,) = torch.autograd.grad(energy.sum(), actions_t, create_graph=create_graph)
+        return -self.sde.sigma(t)[:, None] * grad
+
+
+def behavior_loss(model: EnergyModel, actions, states, sde: VPSDE) -> torch.Tensor:
+    """Denoising score matching through the gradient of f: mean_B || sigma_t grad_a f(a_t|s,t) + z ||^2."""
+    t = torch.rand(actions.shape[0], device=actions.device) * (1 - T_MIN) + T_MIN
+    noise = torch.randn_like(actions)
+    actions_t = sde.alpha(t)[:, None] * actions + sde.sigma(t)[:, None] * noise
+    eps = model.noise_prediction(actions_t, t, states, create_graph=True)
+    return (eps - noise).pow(2).sum(-1).mean()
+
+
+def iql_losses(critic, critic_target, value, batch, args: Args):
+    """IQL: expectile regression of V on min target Q, and TD regression of both Q heads on r + gamma V(s')."""
+    states, actions, rewards, next_states, terminals = batch
+    with torch.no_grad():
+        q_target = torch.min(*critic_target(states, actions))
+        next_value = value(next_states)
+    diff = q_target - value(states)
+    value_loss = (torch.abs(args.expectile - (diff < 0).float()) * diff.pow(2)).mean()
+    td_target = rewards + args.gamma * (1.0 - terminals) * next_value
+    q1, q2 = critic(states, actions)
+    q_loss = (q1 - td_target).pow(2).mean() + (q2 - td_target).pow(2).mean()
+    return value_loss, q_loss
+
+
+def alignment_loss(policy: EnergyModel, behavior: EnergyModel, states, candidates, q_labels, args: Args,
+                   sde: VPSDE):
+    """Contrastive alignment (DESIGN 3.4). states (B,S), candidates (B,K,A), q_labels (B,K) -> (loss, accuracy).
+
+    One diffusion time per state shared by its K candidates, independent noise per candidate; the logits are
+    beta * (f_policy - f_behavior), the targets softmax(q_scale * Q) or one-hot argmax Q."""
+    batch, k, action_dim = candidates.shape
+    t = (torch.rand(batch, device=states.device) * (1 - T_MIN) + T_MIN).repeat_interleave(k)
+    noise = torch.randn_like(candidates).reshape(batch * k, action_dim)
+    actions_t = sde.alpha(t)[:, None] * candidates.reshape(batch * k, action_dim) + sde.sigma(t)[:, None] * noise
+    states_k = states.repeat_interleave(k, 0)
+    with torch.no_grad():
+        behavior_energy = behavior(actions_t, t, states_k)
+    logits = args.beta * (policy(actions_t, t, states_k) - behavior_energy).view(batch, k)
+    if args.labels == "soft":
+        targets = torch.softmax(args.q_scale * q_labels, dim=-1)
+    else:
+        targets = F.one_hot(q_labels.argmax(-1), k).to(logits.dtype)
+    loss = -(targets * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+    accuracy = (logits.argmax(-1) == q_labels.argmax(-1)).float().mean()
+    return loss, accuracy
+
+
+@torch.no_grad()
+def sample_actions(model: EnergyModel, diffusion: Diffusion, states, samples_per_state: int, action_low,
+                   action_high, generator=None) -> torch.Tensor:
+    """(B,S) states -> (B * samples_per_state, A) actions from the diffusion model, clipped to the action box."""
+    out = diffusion.sample(model.noise_prediction, (action_low.shape[0],), cond=states,
+                           samples_per_cond=samples_per_state, generator=generator)
+    return torch.maximum(torch.minimum(out.x0, action_high), action_low)
+
+
+@torch.no_grad()
+def min_q(critic, states, actions) -> torch.Tensor:
+    return torch.min(*critic(states, actions))
+
+
+def select_states(num_transitions: int, data_ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sorted indices of the dataset states that get candidates: all of them, or a random data_ratio fraction."""
+    num_selected = max(1, round(data_ratio * num_transitions))
+    return torch.randperm(num_transitions, generator=generator)[:num_selected].sort().values
+
+
+@torch.no_grad()
+def generate_candidates(behavior: EnergyModel, critic_target, diffusion: Diffusion, states, K: int, action_low,
+                        action_high, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K actions per state from the frozen behavior model (B,K,A) and their labels min(Q1_targ, Q2_targ) (B,K)."""
+    actions = sample_actions(behavior, diffusion, states, K, action_low, action_high, generator)
+    q_labels = min_q(critic_target, states.repeat_interleave(K, 0), actions)
+    return actions.view(len(states), K, -1), q_labels.view(len(states), K)
+
+
+class BestOfNPolicy:
+    """evaluate()'s policy: n diffusion samples per state, the one with the highest min target Q is executed."""
+
+    def __init__(self, model, critic, diffusion, normalizer, n, action_low, action_high, seed, device):
+        self.model, self.critic, self.diffusion, self.normalizer, self.n = model, critic, diffusion, normalizer, n
+        self.action_low, self.action_high, self.device = action_low, action_high, device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.calls, self.seconds = 0, 0.0
+
+    def __call__(self, observations: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        states = torch.as_tensor(self.normalizer.normalize(observations), dtype=torch.float32, device=self.device)
+        actions = sample_actions(self.model, self.diffusion, states, self.n, self.action_low, self.action_high,
+                                 self.generator).view(len(states), self.n, -1)
+        if self.n > 1:
+            q = min_q(self.critic, states.repeat_interleave(self.n, 0), actions.flatten(0, 1)).view(-1, self.n)
+            actions = actions[torch.arange(len(states), device=self.device), q.argmax(-1)]
+        else:
+            actions = actions[:, 0]
+        result = actions.cpu().numpy()
+        self.calls, self.seconds = self.calls + 1, self.seconds + time.perf_counter() - start
+        return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+def main(args: Args) -> None:
+    started = time.perf_counter()
+    from_presets = apply_presets(args, PRESETS)
+    validate_args(args)
+    loaded_behavior = read_checkpoint_file(args.load_behavior, script=SCRIPT) if args.load_behavior else None
+    loaded_critic = read_checkpoint_file(args.load_critic, script=SCRIPT) if args.load_critic else None
+    for name, loaded in (("behavior", loaded_behavior), ("critic", loaded_critic)):
+        if loaded is not None and name not in loaded.get("completed", {}):
+            raise UserError(f"--load-{name}: that checkpoint has not finished its {name} stage")
+    data = load_offline_data(args.env)
+    run = start_run(args, script=SCRIPT)
+    device = run.device
+    print(f"values from presets: {from_presets}" if from_presets else "no preset matched; using the defaults")
+    seed_everything(args.seed, args.torch_deterministic)
+    state = run.load_checkpoint() if args.resume else None
+    if args.resume and state is None:
+        raise UserError(f"--resume: no checkpoint in {run.run_dir}")
+
+    # ---- data: tensors on the device, states normalised (the same normaliser is used at evaluation) ----
+    normalizer = Normalizer.from_array(data.observations)
+    def as_tensor(array):
+        return torch.as_tensor(np.asarray(array, dtype=np.float32), device=device)
+    observations = as_tensor(normalizer.normalize(data.observations))
+    next_observations = as_tensor(normalizer.normalize(data.next_observations))
+    actions = as_tensor(data.actions)
+    rewards = as_tensor(iql_rewards(data))
+    terminals = as_tensor(data.terminals)
+    action_low, action_high = as_tensor(data.action_low), as_tensor(data.action_high)
+    num_transitions, state_dim = observations.shape
+    action_dim = actions.shape[1]
+    print(f"dataset {data.name} ({data.source}): {num_transitions} transitions, state {state_dim}, action {action_dim}")
+
+    # ---- models and optimisers (all built up front so that any checkpoint can be restored) ----
+    sde = VPSDE()
+    diffusion = Diffusion("dpm_solver++", steps=args.sampler_steps, sde=sde)
+    behavior = EnergyModel(state_dim, action_dim, args, sde).to(device)
+    policy = copy.deepcopy(behavior)
+    critic = TwinQ(state_dim, action_dim, hidden=args.critic_hidden).to(device)
+    critic_target = copy.deepcopy(critic).requires_grad_(False)
+    value = ValueNet(state_dim, hidden=args.critic_hidden).to(device)
+    models = {"behavior": behavior, "policy": policy, "critic": critic, "critic_target": critic_target,
+              "value": value}
+    optimizers = {"behavior": torch.optim.Adam(behavior.parameters(), lr=args.behavior_lr),
+                  "q": torch.optim.Adam(critic.parameters(), lr=args.critic_lr),
+                  "v": torch.optim.Adam(value.parameters(), lr=args.critic_lr),
+                  "policy": torch.optim.Adam(policy.parameters(), lr=args.align_lr)}
+    print(f"behavior model f: {count_parameters(behavior):,} parameters; critic {count_parameters(critic):,}")
+
+    completed: dict = {}          # stage name -> results (throughput, evaluations)
+    candidates: dict = {}         # "indices" (N_sel,), "actions" (N_sel,K,A), "q_labels" (N_sel,K), "done": int
+    stage, step, elapsed_before = "behavior", 0, 0.0
+    if state is not None:
+        for name, module in models.items():
+            load_module_state(module, state["models"][name], f"checkpoint model {name!r}")
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        completed, candidates = state["completed"], state["candidates"]
+        stage, step, elapsed_before = state["stage"], state["step"], state["elapsed_s"]
+        restore_rng(state["rng"])
+        print(f"resuming stage {stage} at step {step}")
+
+    def save(stage_name: str, stage_step: int, losses: dict[str, float] | None = None):
+        """Checkpoint everything; refuses (NonFiniteLossError) when the latest losses are not finite."""
+        for name, loss_value in (losses or {}).items():
+            check_finite(loss_value, f"{stage_name} ({name})", stage_step)
+        return run.save_checkpoint({
+            "stage": stage_name, "step": stage_step, "completed": completed, "candidates": candidates,
+            "models": {name: module.state_dict() for name, module in models.items()},
+            "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+            "rng": capture_rng(), "elapsed_s": elapsed_before + time.perf_counter() - started,
+            "normalizer": normalizer.state_dict()})
+
+    def stop_if_interrupted(stage_name: str, stage_step: int, losses=None):
+        if run.interrupted():
+            path = save(stage_name, stage_step, losses)
+            print(f"interrupted: checkpoint saved to {path}")
+            run.close()
+            raise SystemExit(130)
+
+    def maybe_compile(*modules: nn.Module) -> None:
+        """--compile: compile forward passes only after the double-backward behavior stage is over."""
+        if args.compile:
+            for module in modules:
+                module.forward = torch.compile(module.forward)
+
+    def start_step(stage_name: str) -> int:
+        return step if stage == stage_name else 0
+
+    def train_loop(stage_name, total_steps, train_step, loss_names):
+        """Shared loop: train_step() -> tuple of detached losses; logging, checks, checkpoints, Ctrl-C."""
+        first = start_step(stage_name)
+        running, running_steps = torch.zeros(len(loss_names), device=device), 0
+        latest = {name: 0.0 for name in loss_names}
+        bar = tqdm(range(first, total_steps), desc=stage_name, initial=first, total=total_steps,
+                   dynamic_ncols=True, mininterval=1.0)
+        timer_start, timed_steps = time.perf_counter(), 0
+        for i in bar:
+            running += torch.stack(train_step())  # summed on the device: no host sync per step
+            running_steps, timed_steps, done = running_steps + 1, timed_steps + 1, i + 1
+            if done % args.log_every == 0 or done == total_steps:
+                latest = dict(zip(loss_names, (running / running_steps).tolist()))
+                running.zero_()
+                running_steps = 0
+                for name, loss_value in latest.items():
+                    check_finite(loss_value, f"{stage_name} ({name})", done)
+                    run.writer.add_scalar(f"losses/{name}", loss_value, done)
+                bar.set_postfix({name: f"{v:.4g}" for name, v in latest.items()})
+                yield done, latest
+            if done % args.save_every == 0 and done < total_steps:
+                save(stage_name, done, latest)
+            stop_if_interrupted(stage_name, done, latest)
+        bar.close()
+        seconds = time.perf_counter() - timer_start
+        completed.setdefault("throughput", {})[f"{stage_name}_steps_per_s"] = timed_steps / max(seconds, 1e-9)
+
+    # ============================================================================================================
+    # Stage 1: behavior pretraining (denoising score matching through grad_a f; dropout on)
+    # ============================================================================================================
+    if loaded_behavior is not None and "behavior" not in completed:
+        load_module_state(behavior, loaded_behavior["models"]["behavior"], "--load-behavior model")
+        completed["behavior"] = {"loaded_from": args.load_behavior}
+        print(f"behavior model loaded from {args.load_behavior}")
+    if "behavior" not in completed:
+        behavior.train()
+
+        def behavior_step():
+            index = torch.randint(num_transitions, (args.behavior_batch_size,), device=device)
+            loss = behavior_loss(behavior, actions[index], observations[index], sde)
+            optimizers["behavior"].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers["behavior"].step()
+            return (loss.detach(),)
+
+        for _ in train_loop("behavior", args.behavior_steps, behavior_step, ["behavior"]):
+            pass
+        completed["behavior"] = {"steps": args.behavior_steps}
+        stage, step = "critic", 0
+        save(stage, step)
+    behavior.eval().requires_grad_(False)
+    maybe_compile(behavior.net, policy.net, critic, critic_target, value)
+
+    # ============================================================================================================
+    # Stage 2: IQL critic (twin Q with Polyak targets, expectile V)
+    # ============================================================================================================
+    if loaded_critic is not None and "critic" not in completed:
+        for name in ("critic", "critic_target", "value"):
+            load_module_state(models[name], loaded_critic["models"][name], f"--load-critic model {name!r}")
+        completed["critic"] = {"loaded_from": args.load_critic}
+        print(f"critic loaded from {args.load_critic}")
+    if "critic" not in completed:
+        target_params, online_params = list(critic_target.parameters()), list(critic.parameters())
+
+        def critic_step():
+            index = torch.randint(num_transitions, (args.critic_batch_size,), device=device)
+            batch = (observations[index], actions[index], rewards[index], next_observations[index], terminals[index])
+            value_loss, q_loss = iql_losses(critic, critic_target, value, batch, args)
+            optimizers["v"].zero_grad(set_to_none=True)
+            value_loss.backward()
+            optimizers["v"].step()
+            optimizers["q"].zero_grad(set_to_none=True)
+            q_loss.backward()
+            optimizers["q"].step()
+            with torch.no_grad():
+                torch._foreach_lerp_(target_params, online_params, args.polyak)
+            return value_loss.detach(), q_loss.detach()
+
+        for _ in train_loop("critic", args.critic_steps, critic_step, ["value", "q"]):
+            pass
+        completed["critic"] = {"steps": args.critic_steps}
+        stage, step = "candidates", 0
+        save(stage, step)
+    critic_target.eval()
+
+    # ============================================================================================================
+    # Stage 3: K candidates per selected dataset state from the frozen behavior model, labelled by min target Q
+    # ============================================================================================================
+    if "candidates" not in completed:
+        if not candidates:
+            selection = select_states(num_transitions, args.data_ratio)
+            num_selected = len(selection)
+            candidates = {"indices": selection,
+                          "actions": torch.zeros(num_selected, args.K, action_dim),
+                          "q_labels": torch.zeros(num_selected, args.K), "done": 0}
+        num_selected = len(candidates["indices"])
+        batches = range(candidates["done"], num_selected, args.candidate_batch_size)
+        timer_start, sampled = time.perf_counter(), 0
+        for batch_number, first in enumerate(tqdm(batches, desc="candidates", dynamic_ncols=True), start=1):
+            index = candidates["indices"][first:first + args.candidate_batch_size].to(device)
+            sampled_actions, q_labels = generate_candidates(behavior, critic_target, diffusion, observations[index],
+                                                            args.K, action_low, action_high)
+            rows = slice(first, first + len(index))
+            candidates["actions"][rows], candidates["q_labels"][rows] = sampled_actions.cpu(), q_labels.cpu()
+            candidates["done"], sampled = rows.stop, sampled + len(index)
+            if batch_number % args.save_every == 0 and rows.stop < num_selected:
+                save("candidates", candidates["done"])
+            stop_if_interrupted("candidates", candidates["done"])
+        if sampled:
+            seconds = time.perf_counter() - timer_start
+            completed.setdefault("throughput", {})["candidates_states_per_s"] = sampled / max(seconds, 1e-9)
+        check_finite(float(candidates["q_labels"].sum()), "candidates (Q labels)", candidates["done"])
+        completed["candidates"] = {"states": num_selected, "K": args.K}
+        print(f"candidates: {num_selected} states x K={args.K}, Q labels mean {candidates['q_labels'].mean():.3f}")
+        stage, step = "alignment", 0
+        save(stage, step)
+
+    # ============================================================================================================
+    # Stage 4: alignment of the policy (a copy of the behavior model, dropout 0) by the contrastive Q loss
+    # ============================================================================================================
+    def evaluate_model(model, n):
+        """Returns (stats, EvalResult, ms per action) of best-of-n sampling from `model`."""
+        policy_fn = BestOfNPolicy(model, critic_target, diffusion, normalizer, n, action_low, action_high,
+                                  seed=args.seed + 1, device=device)
+        result = evaluate(policy_fn, data.make_env, args.eval_episodes, seed=args.seed)
+        stats = stage_stats(result.returns, normalized_score(data, result.returns))
+        return stats, result, 1000.0 * policy_fn.seconds / max(policy_fn.calls, 1)
+
+    if "alignment" not in completed:
+        if start_step("alignment") == 0:
+            policy.load_state_dict(behavior.state_dict())
+        policy.eval()  # dropout 0; gradients still flow
+        candidate_actions = candidates["actions"].to(device)
+        candidate_q = candidates["q_labels"].to(device)
+        candidate_states = observations[candidates["indices"].to(device)]
+        num_selected = len(candidate_states)
+
+        def alignment_step():
+            index = torch.randint(num_selected, (args.align_batch_size,), device=device)
+            loss, accuracy = alignment_loss(policy, behavior, candidate_states[index], candidate_actions[index],
+                                            candidate_q[index], args, sde)
+            optimizers["policy"].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers["policy"].step()
+            return loss.detach(), accuracy.detach()
+
+        for done, _ in train_loop("alignment", args.align_steps, alignment_step, ["alignment", "align_accuracy"]):
+            if args.eval_every and done % args.eval_every == 0 and done < args.align_steps:
+                stats, _, _ = evaluate_model(policy, args.eval_candidates)
+                run.writer.add_scalar("eval/aligned_return", stats["return_mean"], done)
+                run.writer.add_scalar("eval/aligned_normalized", stats["normalized_mean"], done)
+                tqdm.write(f"alignment step {done}: return {stats['return_mean']:.3f}, "
+                           f"normalized {stats['normalized_mean']:.1f}")
+        completed["alignment"] = {"steps": args.align_steps}
+        stage, step = "evaluation", 0
+        save(stage, step)
+
+    # ============================================================================================================
+    # Stage 5: evaluation of the behavior model and the aligned policy (best of eval_candidates by Q, and 1)
+    # ============================================================================================================
+    evaluations = completed.setdefault("evaluations", {})
+    coherency = completed.setdefault("coherency", {})
+    suffix = "" if args.eval_candidates == 1 else "_1cand"
+    plan = [("behavior", behavior, args.eval_candidates), ("aligned", policy, args.eval_candidates)]
+    if args.eval_candidates > 1:
+        plan += [("behavior" + suffix, behavior, 1), ("aligned" + suffix, policy, 1)]
+    for index, (name, model, n) in enumerate(plan):
+        if name in evaluations:
+            continue
+        stats, result, latency_ms = evaluate_model(model, n)
+        evaluations[name] = stats
+        completed.setdefault("throughput", {})[f"{name}_action_latency_ms"] = latency_ms
+        for key in ("return_mean", "normalized_mean"):
+            run.writer.add_scalar(f"eval/{name}_{key}", stats[key], args.align_steps)
+        print(f"{name:>16}: return {stats['return_mean']:.3f} +- {stats['return_std']:.3f}, "
+              f"normalized score {stats['normalized_mean']:.1f} +- {stats['normalized_std']:.1f}")
+        if data.family == "nav1d":
+            import nav1d
+            coherency[name] = nav1d.policy_coherency(
+                data.name.split("-")[-1], np.concatenate([o[:len(a)] for o, a in zip(result.observations,
+                                                                                    result.actions)]),
+                np.concatenate(result.actions))
+        save("evaluation", index + 1)
+        stop_if_interrupted("evaluation", index + 1)
+
+    throughput = dict(completed.get("throughput", {}))
+    throughput["action_latency_ms"] = throughput.get("aligned_action_latency_ms", float("nan"))
+    summary = {"script": SCRIPT, "env": args.env, "seed": args.seed, "stages": evaluations,
+               "throughput": throughput, "wall_time_s": elapsed_before + time.perf_counter() - started,
+               "device": str(device), "args": asdict(args)}
+    if data.family == "nav1d":
+        summary["coherency"] = coherency
+    run.write_summary(summary)
+    stage, step = "done", 0
+    save(stage, step)
+    print_results_table(evaluations)
+    print(f"summary: {run.run_dir / 'summary.json'}")
+    run.close()
+
+
+if __name__ == "__main__":
+    cli(main, Args)
