@@ -281,9 +281,9 @@ class TemporalUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                 x_cond: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time_mlp(t)
         _check_cond(cond, self.cond_dim, "TemporalUNet")
         _check_cond(x_cond, self.extra_in_dim, "TemporalUNet", "x_cond")
+        emb = self.time_mlp(t)
         if self.cond_mlp is not None:
             emb = emb + self.cond_mlp(cond)
         emb = F.mish(emb)
@@ -358,9 +358,9 @@ class DiT1d(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                 x_cond: torch.Tensor | None = None) -> torch.Tensor:
-        c = self.time_mlp(t)
         _check_cond(cond, self.cond_dim, "DiT1d")
         _check_cond(x_cond, self.extra_in_dim, "DiT1d", "x_cond")
+        c = self.time_mlp(t)
         if self.cond_mlp is not None:
             c = c + self.cond_mlp(cond)
         h = self.token_embed(x)
@@ -399,9 +399,9 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                 x_cond: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time_mlp(t)
         _check_cond(cond, self.cond_dim, "MLPDenoiser")
         _check_cond(x_cond, self.extra_in_dim, "MLPDenoiser", "x_cond")
+        emb = self.time_mlp(t)
         if self.cond_mlp is not None:
             emb = emb + self.cond_mlp(cond)
         h = self.input_proj(x.flatten(1))
