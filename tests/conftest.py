@@ -25,3 +25,42 @@ def minari_datasets_path(tmp_path_factory):
 @pytest.fixture
 def repo_root():
     return REPO_ROOT
+
+
+def make_tiny_hopper_dataset(dataset_id: str, episodes: int = 10, steps: int = 30, seed: int = 0):
+    """A small Minari dataset of random Hopper-v5 episodes (time-limited ones end as truncations).
+
+    Made in the test's MINARI_DATASETS_PATH, so the real loading code path runs without any download.
+    """
+    import warnings
+
+    import gymnasium as gym
+    import minari
+    import numpy as np
+    from minari.data_collector import EpisodeBuffer
+
+    if dataset_id in minari.list_local_datasets():
+        return minari.load_dataset(dataset_id)
+    env = gym.make("Hopper-v5")
+    rng = np.random.default_rng(seed)
+    buffers = []
+    for episode in range(episodes):
+        observation, _ = env.reset(seed=seed * 1000 + episode)
+        observations, actions, rewards, terminations, truncations = [observation], [], [], [], []
+        for step in range(steps):
+            action = rng.uniform(-1, 1, 3).astype(np.float32)
+            observation, step_reward, terminated, _, _ = env.step(action)
+            observations.append(observation)
+            actions.append(action)
+            rewards.append(step_reward)
+            terminations.append(terminated)
+            truncations.append(step == steps - 1 and not terminated)
+            if terminated:
+                break
+        buffers.append(EpisodeBuffer(id=episode, observations=np.stack(observations), actions=np.stack(actions),
+                                     rewards=np.array(rewards), terminations=np.array(terminations),
+                                     truncations=np.array(truncations)))
+    env.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return minari.create_dataset_from_buffers(dataset_id, buffers, env="Hopper-v5", algorithm_name="random")

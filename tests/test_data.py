@@ -3,7 +3,6 @@ reward convention and lockstep evaluation."""
 import os
 import subprocess
 import sys
-import warnings
 
 import gymnasium as gym
 import h5py
@@ -11,9 +10,10 @@ import minari
 import numpy as np
 import pytest
 import torch
-from minari.data_collector import EpisodeBuffer
+
 
 import nav1d
+from conftest import make_tiny_hopper_dataset
 from common.data import (
     D4RL_REFERENCE_RETURNS,
     DatasetError,
@@ -41,29 +41,8 @@ def nav1d_full():
 
 @pytest.fixture(scope="module")
 def tiny_hopper(minari_datasets_path):
-    """20 random Hopper-v5 episodes of at most 50 steps (time-limited ones are truncations)."""
-    env = gym.make("Hopper-v5")
-    rng = np.random.default_rng(0)
-    buffers = []
-    for episode in range(20):
-        observation, _ = env.reset(seed=episode)
-        observations, actions, rewards, terminations, truncations = [observation], [], [], [], []
-        for step in range(50):
-            action = rng.uniform(-1, 1, 3).astype(np.float32)
-            observation, step_reward, terminated, _, _ = env.step(action)
-            observations.append(observation)
-            actions.append(action)
-            rewards.append(step_reward)
-            terminations.append(terminated)
-            truncations.append(step == 49 and not terminated)
-            if terminated:
-                break
-        buffers.append(EpisodeBuffer(id=episode, observations=np.stack(observations), actions=np.stack(actions),
-                                     rewards=np.array(rewards), terminations=np.array(terminations),
-                                     truncations=np.array(truncations)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return minari.create_dataset_from_buffers(TINY_HOPPER, buffers, env="Hopper-v5", algorithm_name="random")
+    """20 random Hopper-v5 episodes of at most 50 steps."""
+    return make_tiny_hopper_dataset(TINY_HOPPER, episodes=20, steps=50)
 
 
 @pytest.fixture
