@@ -119,6 +119,8 @@ class Args:
     """DDIM noise (0 = deterministic; ddpm is ddim with eta=1)"""
     prediction: str = ""
     """network output: eps | x0 | velocity ('' = the sampler's default; fm is always velocity)"""
+    clip_sample: bool = True
+    """clip the predicted clean chunk to the action box at every sampling step (Diffusion Policy's clip_sample)"""
     foundation_steps: int = 200_000
     """training steps of the foundation model"""
     foundation_lr: float = 3e-4
@@ -171,8 +173,8 @@ class Args:
     """weight of the per-step KL to the reference (rl, qvpg)"""
     entropy_coef: float = 0.0
     """weight of a nearest-neighbour entropy bonus added to each sample's reward (counters narrowing)"""
-    box_penalty: float = 1.0
-    """reward penalty per unit a generated chunk leaves the action box [-1, 1] (Q only sees clipped actions)"""
+    epochs_per_batch: int = 4
+    """gradient steps on each generated batch for dpo and sft (sampling costs far more than an update)"""
     max_grad_norm: float = 1.0
     """gradient clipping during alignment"""
 
@@ -209,6 +211,8 @@ class Args:
     """learning rate of the dpo method"""
     dpo_beta: float = 100.0
     """DPO inverse temperature on the eps-error differences (tune for low-dimensional data)"""
+    dpo_noise_draws: int = 4
+    """(t, noise) draws per pair in every DPO step"""
 
     # ---- sft: fine-tuning on top samples under a likelihood threshold
     sft_steps: int = 1000
@@ -221,8 +225,9 @@ class Args:
     """accept a kept sample only if its reference ELBO proxy is below this quantile of the dataset's"""
     sft_elbo_draws: int = 8
     """fixed (t, noise) draws averaged in the ELBO proxy"""
-    sft_source: str = "current"
-    """generate the SFT samples with the current model or the reference"""
+    sft_source: str = "reference"
+    """generate the SFT samples with the reference (a fixed target: cannot collapse) or the current model
+    (iterative; narrows fast on its own samples)"""
 
     # ---- cascade
     cascade_steps: int = 1000
@@ -274,14 +279,14 @@ def validate(args: Args) -> list[str]:
         if getattr(args, name) not in allowed:
             raise UserError(f"--{name.replace('_', '-')} must be one of {allowed}, got '{getattr(args, name)}'")
     positive = ("obs_horizon", "pred_horizon", "action_horizon", "sample_steps", "train_steps", "batch_size",
-                "num_candidates", "passes", "align_batch", "save_every", "log_every", "sft_elbo_draws", "hidden",
+                "num_candidates", "passes", "align_batch", "epochs_per_batch", "dpo_noise_draws", "save_every", "log_every", "sft_elbo_draws", "hidden",
                 "depth", "heads", "critic_hidden")
     for name in positive:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     non_negative = ("foundation_steps", "critic_steps", "rl_steps", "qvpg_steps", "dpo_steps", "sft_steps",
                     "cascade_steps", "online_episodes", "online_critic_steps", "eval_every", "eval_episodes",
-                    "lora_rank", "kl_coef", "entropy_coef", "box_penalty", "eval_max_steps")
+                    "lora_rank", "kl_coef", "entropy_coef", "eval_max_steps")
     for name in non_negative:
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -318,6 +323,32 @@ def validate(args: Args) -> list[str]:
 # ======================================================================================================================
 # Networks and data in model coordinates
 # ======================================================================================================================
+class ClippedSampleDiffusion(Diffusion):
+    """Every sampler step clips the predicted clean chunk to the action box [-1, 1] (Diffusion Policy's clip_sample).
+
+    The first steps of a discrete schedule have alpha ~ 0, where x0_hat = (x - sigma eps_hat) / alpha amplifies small
+    prediction errors (e.g. from a fine-tuned adapter) into huge actions. `sample` builds every step from
+    `step_distribution`, so the clipped steps are also the ones whose log-probabilities RL recomputes.
+    """
+
+    def step_distribution(self, model, x, step, cond):
+        return super().step_distribution(lambda x_t, t, c: self.clip_prediction(model(x_t, t, c), x_t, t), x, step,
+                                         cond)
+
+    def clip_prediction(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network output that implies the clipped x0_hat, in the network's own parametrisation."""
+        if self.prediction == "x0":
+            return prediction.clamp(-1, 1)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        if self.sampler == "fm":  # x_t = (1 - t) x0 + t z, v = z - x0
+            t = t.reshape(shape)
+            return (x - (x - t * prediction).clamp(-1, 1)) / t
+        alpha, sigma = (level.reshape(shape) for level in self.noise_levels(t))
+        if self.prediction == "eps":
+            return (x - alpha * ((x - sigma * prediction) / alpha).clamp(-1, 1)) / sigma
+        return (alpha * x - (alpha * x - sigma * prediction).clamp(-1, 1)) / sigma  # VP velocity
+
+
 def build_denoiser(args: Args, action_dim: int, cond_dim: int, extra_in_dim: int = 0) -> nn.Module:
     """The Diffusion Policy network over an action chunk (Tp, A), conditioned on the flattened observation history."""
     if args.backbone == "dit":
@@ -459,8 +490,9 @@ class Workspace:
         self.action_dim = data.actions.shape[1]
         self.chunk_shape = (args.pred_horizon, self.action_dim)
         self.cond_dim = args.obs_horizon * self.state_dim
-        self.diffusion = Diffusion(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
-                                   prediction=args.prediction or None)
+        diffusion_type = ClippedSampleDiffusion if args.clip_sample else Diffusion
+        self.diffusion = diffusion_type(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
+                                        prediction=args.prediction or None)
         self.foundation_net = build_denoiser(args, self.action_dim, self.cond_dim).to(self.device)
         self.foundation = copy.deepcopy(self.foundation_net).requires_grad_(False)  # the EMA: the foundation used
         self.foundation_optimizer = torch.optim.Adam(self.foundation_net.parameters(), lr=args.foundation_lr)
@@ -482,6 +514,11 @@ class Workspace:
     # ----- models made lazily ---------------------------------------------------------------------------------
     def make_policy(self) -> None:
         self.policy, self.reference = make_policy(self.foundation, self.args.lora_rank, self.args.lora_alpha)
+
+    @property
+    def current_model(self) -> nn.Module:
+        """The model being aligned: the policy once an alignment method has made it, else the foundation."""
+        return self.policy if self.policy is not None else self.foundation
 
     def trainable_policy_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
@@ -568,10 +605,9 @@ def nearest_neighbour_log_distance(chunks: torch.Tensor, group: int) -> torch.Te
 
 
 def sample_rewards(ws: Workspace, obs: torch.Tensor, chunks: torch.Tensor, group: int) -> torch.Tensor:
-    """r = Q(s, a_first) of each generated chunk, minus box_penalty per unit the chunk leaves the action box, plus the
-    entropy bonus; obs already repeated per sample. Differentiable in `chunks` (QV-PG)."""
+    """r = Q(s, a_first) of each generated chunk plus the entropy bonus; obs already repeated per sample.
+    Differentiable in `chunks` (QV-PG)."""
     rewards = ws.critic.q_value(obs, chunks[:, 0].clamp(-1, 1))
-    rewards = rewards - ws.args.box_penalty * (chunks.abs() - 1).clamp(min=0).flatten(1).sum(1)
     if ws.args.entropy_coef > 0:
         rewards = rewards + ws.args.entropy_coef * nearest_neighbour_log_distance(chunks, group)
     return rewards
@@ -729,11 +765,14 @@ def dpo_update(ws: Workspace) -> dict[str, torch.Tensor]:
         rows = torch.arange(grouped.shape[0], device=ws.device)[:, None]
         winners = grouped[rows, order[:, :half]].flatten(0, 1)
         losers = grouped[rows, order.flip(1)[:, :half]].flatten(0, 1)
-    ws.align_optimizer.zero_grad(set_to_none=True)
-    loss, accuracy = dpo_loss(ws.diffusion, ws.policy, ws.reference, winners, losers,
-                              cond.repeat_interleave(half, 0), args.dpo_beta)
-    loss.backward()
-    optimizer_step(ws, ws.align_optimizer, ws.trainable_policy_parameters())
+    # every pair is scored under dpo_noise_draws (t, noise) draws: the DPO gradient of one draw is very noisy
+    winners, losers = winners.repeat(args.dpo_noise_draws, 1, 1), losers.repeat(args.dpo_noise_draws, 1, 1)
+    pair_cond = cond.repeat_interleave(half, 0).repeat(args.dpo_noise_draws, 1)
+    for _ in range(args.epochs_per_batch):  # fresh (t, noise) every epoch
+        ws.align_optimizer.zero_grad(set_to_none=True)
+        loss, accuracy = dpo_loss(ws.diffusion, ws.policy, ws.reference, winners, losers, pair_cond, args.dpo_beta)
+        loss.backward()
+        optimizer_step(ws, ws.align_optimizer, ws.trainable_policy_parameters())
     return {"loss": loss.detach(), "implicit_accuracy": accuracy, "reward": rewards.mean()}
 
 
@@ -778,7 +817,7 @@ def sft_update(ws: Workspace) -> dict[str, torch.Tensor]:
         best_cond = cond.repeat_interleave(keep, 0)
         accepted = elbo_proxy(ws.diffusion, ws.reference, best, best_cond, draws_t, draws_noise) <= threshold
     loss = torch.zeros((), device=ws.device)
-    if accepted.any():
+    for _ in range(args.epochs_per_batch if accepted.any() else 0):
         ws.align_optimizer.zero_grad(set_to_none=True)
         loss = ws.diffusion.loss(ws.policy, best[accepted], best_cond[accepted]).mean()
         loss.backward()
@@ -795,14 +834,14 @@ def cascade_pairs(ws: Workspace, cond: torch.Tensor, obs: torch.Tensor) -> tuple
     noise per branch), rank by Q; every other branch becomes a condition for the best one."""
     args, branches = ws.args, ws.args.cascade_branches
     branch_step = int(args.cascade_branch_fraction * args.sample_steps)
-    trunk = ws.diffusion.sample(ws.policy, ws.chunk_shape, cond, return_chain=True)
+    trunk = ws.diffusion.sample(ws.current_model, ws.chunk_shape, cond, return_chain=True)
     if ws.diffusion.stochastic:
         start = trunk.chain[branch_step].repeat_interleave(branches, 0)
     else:
         shared = trunk.x0.repeat_interleave(branches, 0)
         t = torch.full((shared.shape[0],), ws.diffusion.step_time[branch_step], device=ws.device)
         start = ws.diffusion.add_noise(shared, t, torch.randn_like(shared))
-    chunks = ws.diffusion.sample(ws.policy, ws.chunk_shape, cond, samples_per_cond=branches, x_start=start,
+    chunks = ws.diffusion.sample(ws.current_model, ws.chunk_shape, cond, samples_per_cond=branches, x_start=start,
                                  start_step=branch_step).x0
     rewards = sample_rewards(ws, obs.repeat_interleave(branches, 0), chunks, branches).view(-1, branches)
     order = rewards.argsort(dim=1, descending=True)
@@ -936,7 +975,7 @@ class TransitionRecorder(gym.Wrapper):
 def collect_online_episodes(ws: Workspace, use_cascade: bool) -> dict[str, np.ndarray]:
     """Roll out the current aligned model; returns its transitions in the dataset's raw layout."""
     episodes: list[list] = []
-    evaluate(RecedingHorizonPolicy(ws, ws.denoiser(ws.policy), use_cascade),
+    evaluate(RecedingHorizonPolicy(ws, ws.denoiser(ws.current_model), use_cascade),
              lambda: TransitionRecorder(ws.data.make_env(), episodes), ws.args.online_episodes,
              ws.args.seed + 10_000 + len(ws.finished), max_steps=ws.args.eval_max_steps or None)
     steps = [step for episode in episodes for step in episode]
@@ -975,7 +1014,7 @@ def train_loop(ws: Workspace, stage: str, total_steps: int, update, tag: str) ->
         if done % args.save_every == 0 and done < total_steps:
             ws.save(stage, done)
         if args.eval_every and stage.startswith("pass") and done % args.eval_every == 0 and done < total_steps:
-            stats = evaluate_stage(ws, ws.policy if ws.policy is not None else ws.foundation, ws.cascade is not None)
+            stats = evaluate_stage(ws, ws.current_model, ws.cascade is not None)
             run.writer.add_scalar(f"charts/{tag}_return_during_training", stats["return_mean"], done)
         if run.interrupted():
             path = ws.save(stage, done)
@@ -1113,8 +1152,7 @@ def main(args: Args) -> None:
                         ws.align_optimizer.load_state_dict(ws.pending_align_optimizer)
                         ws.pending_align_optimizer = None
                 train_loop(ws, stage, getattr(args, f"{method}_steps"), lambda: ALIGN_UPDATES[method](ws), method)
-                stats = evaluate_stage(ws, ws.policy if ws.policy is not None else ws.foundation,
-                                       ws.cascade is not None)
+                stats = evaluate_stage(ws, ws.current_model, ws.cascade is not None)
                 record_result(ws, stage, stats)
                 ws.save(stage, getattr(args, f"{method}_steps"))
 

@@ -129,6 +129,21 @@ def test_cascade_equals_the_foundation_at_initialisation(backbone):
     torch.testing.assert_close(cascade(x, t, torch.cat([cond, sample.flatten(1)], 1)), foundation(x, t, cond))
 
 
+@pytest.mark.parametrize("sampler,prediction", [("ddpm", "eps"), ("ddim", "x0"), ("ddim", "velocity"), ("fm", None)])
+def test_clipped_sampling_stays_in_the_action_box_and_leaves_in_box_predictions_alone(sampler, prediction):
+    diffusion = dp_align.ClippedSampleDiffusion(sampler, 4, prediction=prediction)
+    model = small_model()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(20)  # a wild network: unclipped samples would leave the box by far
+        chunks = diffusion.sample(model, (2, 1), torch.randn(64, 2)).x0
+    assert chunks.abs().max() <= 1 + 1e-5
+    x, t, x0 = torch.randn(32, 2, 1), diffusion.sample_train_time(32, "cpu"), torch.rand(32, 2, 1) * 1.8 - 0.9
+    noise = (x - diffusion.add_noise(x0, t, torch.zeros_like(x0))) / diffusion.noise_levels(t)[1].view(-1, 1, 1)
+    target = diffusion.training_target(x0, noise, t)  # the exact output for a clean chunk inside the box
+    torch.testing.assert_close(diffusion.clip_prediction(target, x, t), target, atol=1e-4, rtol=1e-4)
+
+
 def test_credit_weights_have_mean_one_over_stochastic_steps():
     chain = torch.randn(6, 10, 2, 1)
     stochastic = torch.tensor([True, True, True, True, False])

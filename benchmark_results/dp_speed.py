@@ -1,0 +1,71 @@
+"""Throughput of dp_align.py on Nav1D: training steps/s per stage and the latency of one action (N = 8 candidates).
+
+Runs dp_align.py once per sampler with the Nav1D preset's networks and short stages (speed only, not returns), reads
+the `throughput` block of each summary.json and writes benchmark_results/dp_speed.md with the commands, the commit
+and the machine. Usage (from the repository root):
+
+    python benchmark_results/dp_speed.py
+"""
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT_STAGES = ["--foundation-steps", "300", "--critic-steps", "300", "--rl-steps", "20", "--qvpg-steps", "20",
+                "--dpo-steps", "20", "--sft-steps", "20", "--cascade-steps", "20", "--eval-episodes", "20"]
+RUNS = {  # every method the sampler supports
+    "ddpm": ["--sampler", "ddpm", "--align", "rl,qvpg,dpo,sft,cascade"],
+    "fm": ["--sampler", "fm", "--align", "qvpg,dpo,sft,cascade"],
+}
+STAGES = ["foundation", "critic", "rl", "qvpg", "dpo", "sft", "cascade"]
+
+
+def main() -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    rows, commands = [], []
+    with tempfile.TemporaryDirectory() as runs:
+        for name, extra in RUNS.items():
+            run_dir = Path(runs) / name
+            command = [sys.executable, "dp_align.py", "--env", "nav1d-full", "--seed", "0", "--device", "cpu",
+                       "--run-dir", str(run_dir), *SHORT_STAGES, *extra]
+            commands.append("python " + shlex.join(command[1:]).replace(str(run_dir), f"/tmp/dp_speed/{name}"))
+            subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=os.environ)
+            throughput = json.loads((run_dir / "summary.json").read_text())["throughput"]
+            cells = [f"{throughput[f'{stage}_steps_per_s']:.1f}" if f"{stage}_steps_per_s" in throughput else "-"
+                     for stage in STAGES]
+            rows.append(f"| {name} | " + " | ".join(cells) + f" | {throughput['action_latency_ms']:.1f} |")
+    lines = [
+        "# dp_align.py throughput on Nav1D",
+        "",
+        f"Commit `{commit}`, device: CPU ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores visible, torch {torch.__version__}, {torch.get_num_threads()} threads). "
+        "Nav1D preset networks (DiT hidden 32, depth 2; 10 sampling steps; alignment batch 32 states x 8 samples). "
+        "Training steps per second per stage (an alignment step samples its own batch: rl samples 256 chains and "
+        "runs 2 PPO epochs over every stochastic step), and the latency of choosing one action for one state from "
+        "N = 8 candidates (mean of 20 calls after 3 warm-up calls).",
+        "",
+        "| sampler | " + " | ".join(f"{stage} steps/s" for stage in STAGES) + " | action latency (ms, N=8) |",
+        "| --- | " + " | ".join("---" for _ in STAGES) + " | --- |",
+        *rows,
+        "",
+        "Commands (written by `python benchmark_results/dp_speed.py`):",
+        "",
+        "```bash",
+        *commands,
+        "```",
+        "",
+    ]
+    (ROOT / "benchmark_results" / "dp_speed.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
