@@ -36,6 +36,7 @@ from common.diffusion import SAMPLERS, Diffusion, gaussian_log_prob
 from common.nets import (InverseDynamics, TemporalUNet, TwinQ, ValueNet, count_parameters, inject_lora,
                          load_foundation_into_cascade, lora_disabled)
 from common.runtime import (Timer, UserError, apply_presets, check_finite, cli, load_module_state, capture_rng,
+                            read_checkpoint_file,
                             print_results_table, restore_rng, stage_stats, start_run)
 
 PLANNERS = ("diffuser", "dd")
@@ -74,6 +75,9 @@ class Args:
     """ddpm|ddim|sm|fm; ddim (eta=0) and fm are deterministic: use qvpg (or --ddim-eta > 0) for RL alignment"""
     ddim_eta: float = 0.0
     """DDIM noise scale (0 deterministic, > 0 stochastic steps that RL alignment can use)"""
+    prediction: str = ""
+    """network output eps|x0|velocity; empty: x0 for ddpm/ddim (as Diffuser: eps-prediction divides by the tiny
+    alpha of the noisiest level and blows up), eps for sm, velocity for fm"""
     denoising_steps: int = 20
     """sampler steps (also the number of discrete noise levels for ddpm/ddim)"""
     horizon: int = 32
@@ -89,6 +93,8 @@ class Args:
     eval_max_steps: int = 0
     """cap on evaluation episode length (0: the environment's own limit)"""
 
+    load_foundation: str = ""
+    """take the trained foundation planner (and dd's inverse dynamics) from this diffuser_align checkpoint"""
     foundation_steps: int = 200_000
     """gradient steps of the foundation planner"""
     batch_size: int = 256
@@ -100,6 +106,8 @@ class Args:
     inverse_dynamics_hidden: int = 256
     """hidden width of the inverse-dynamics MLP"""
 
+    load_critic: str = ""
+    """take the trained IQL critic from this diffuser_align checkpoint"""
     critic_steps: int = 1_000_000
     """IQL gradient steps"""
     critic_batch_size: int = 256
@@ -124,7 +132,13 @@ class Args:
     lora_alpha: float = 16.0
     """LoRA scale numerator (update scaled by alpha / rank)"""
     align_lr: float = 1e-4
-    """Adam learning rate of every alignment method"""
+    """Adam learning rate of the rl and qvpg methods"""
+    dpo_lr: float = 1e-5
+    """Adam learning rate of the dpo method"""
+    sft_lr: float = 1e-5
+    """Adam learning rate of the sft method"""
+    cascade_lr: float = 1e-4
+    """Adam learning rate of the cascade model"""
     align_states: int = 32
     """conditioning states (dataset states) per alignment batch"""
     align_samples: int = 16
@@ -206,6 +220,8 @@ def validate_args(args: Args) -> list[str]:
         raise UserError(f"unknown --planner '{args.planner}'; choose diffuser or dd")
     if args.sampler not in PLANNER_SAMPLERS:
         raise UserError(f"unknown --sampler '{args.sampler}' for a planner; choose one of {', '.join(PLANNER_SAMPLERS)}")
+    if args.prediction not in ("", "eps", "x0", "velocity"):
+        raise UserError(f"unknown --prediction '{args.prediction}'; choose eps, x0 or velocity")
     if args.plan_reward not in ("q0", "mean"):
         raise UserError(f"unknown --plan-reward '{args.plan_reward}'; choose q0 or mean")
     if args.rl_algo not in ("ppo", "reinforce"):
@@ -224,7 +240,8 @@ def validate_args(args: Args) -> list[str]:
                     critic_batch_size=args.critic_batch_size, passes=args.passes, align_states=args.align_states,
                     eval_episodes=args.eval_episodes, save_every=args.save_every, sft_elbo_draws=args.sft_elbo_draws,
                     ppo_epochs=args.ppo_epochs, qvpg_last_k=args.qvpg_last_k, dpo_beta=args.dpo_beta,
-                    foundation_lr=args.foundation_lr, critic_lr=args.critic_lr, align_lr=args.align_lr)
+                    foundation_lr=args.foundation_lr, critic_lr=args.critic_lr, align_lr=args.align_lr,
+                    dpo_lr=args.dpo_lr, sft_lr=args.sft_lr, cascade_lr=args.cascade_lr)
     for name, value in positive.items():
         if value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value}")
@@ -256,7 +273,9 @@ def validate_args(args: Args) -> list[str]:
 
 
 def make_diffusion(args: Args) -> Diffusion:
-    return Diffusion(args.sampler, args.denoising_steps, eta=args.ddim_eta if args.sampler == "ddim" else 0.0)
+    prediction = args.prediction or {"ddpm": "x0", "ddim": "x0", "sm": "eps", "fm": "velocity"}[args.sampler]
+    return Diffusion(args.sampler, args.denoising_steps, eta=args.ddim_eta if args.sampler == "ddim" else 0.0,
+                     prediction=prediction)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,7 +352,8 @@ class Planner:
         """Plan reward: min twin-Q of the first step, or of every step averaged (--plan-reward mean)."""
         states, actions = self.states_actions(plans)
         steps = 1 if self.reward_kind == "q0" else actions.shape[1]
-        q1, q2 = self.q_target(states[:, :steps].flatten(0, 1), actions[:, :steps].flatten(0, 1))
+        actions = actions[:, :steps].clamp(-1, 1)  # the executed action; Q is not trusted outside the action box
+        q1, q2 = self.q_target(states[:, :steps].flatten(0, 1), actions.flatten(0, 1))
         return torch.min(q1, q2).view(plans.shape[0], steps).mean(1)
 
     @torch.no_grad()
@@ -593,6 +613,23 @@ def main(args: Args) -> None:
         rng.bit_generator.state = checkpoint["numpy_rng"]
         restore_rng(checkpoint["rng"])
         print(f"resuming from stage '{resume_stage}' step {resume_step}; finished: {', '.join(completed) or 'none'}")
+
+    def load_stage_from(path: str, stages: list[str], modules: dict[str, nn.Module]) -> None:
+        """Reuse finished stages of another run (same data and sizes), e.g. one foundation for many alignments."""
+        other = read_checkpoint_file(path, "diffuser_align")
+        missing = [stage for stage in stages if stage not in other["completed"]]
+        if missing:
+            raise UserError(f"checkpoint '{path}' has not finished stage(s) {', '.join(missing)}")
+        for key, module in modules.items():
+            load_module_state(module, other["models"][key], f"{key} from '{path}'")
+        completed.extend(stages)
+        print(f"loaded {', '.join(stages)} from {path}")
+
+    if checkpoint is None and args.load_foundation:
+        load_stage_from(args.load_foundation, ["foundation"] + (["inverse_dynamics"] if args.planner == "dd" else []),
+                        dict(foundation=foundation, inverse_dynamics=inverse_dynamics))
+    if checkpoint is None and args.load_critic:
+        load_stage_from(args.load_critic, ["critic"], dict(q=q, q_target=q_target, value=value))
 
     def save(stage: str, step: int) -> None:
         models = dict(foundation=foundation.state_dict(), inverse_dynamics=inverse_dynamics.state_dict(),
@@ -924,7 +961,8 @@ def main(args: Args) -> None:
                 parameters = cascade_unet.parameters()
             else:
                 parameters = trainable
-            optimizer = make_optimizer(stage, parameters, args.align_lr)
+            learning_rate = dict(dpo=args.dpo_lr, sft=args.sft_lr, cascade=args.cascade_lr).get(method, args.align_lr)
+            optimizer = make_optimizer(stage, parameters, learning_rate)
             builder, steps_field = method_builders[method]
             planner_net.train()
             curve = lambda step, stage=stage: evaluate_planner(stage, cascade_unet is not None, step)

@@ -1,0 +1,393 @@
+"""diffuser_align.py: planning and alignment identities on tiny models, and end-to-end smoke runs (Nav1D, Hopper)."""
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import diffuser_align as da
+from common.diffusion import Diffusion
+from common.nets import TemporalUNet, TwinQ, inject_lora, load_foundation_into_cascade, lora_disabled
+from common.runtime import UserError
+
+STATE_DIM, ACTION_DIM, HORIZON = 2, 1, 8
+X_DIM = STATE_DIM + ACTION_DIM
+
+
+def tiny_unet(extra_in_dim=0, seed=0):
+    torch.manual_seed(seed)
+    return TemporalUNet(X_DIM, HORIZON, 0, base_dim=8, dim_mults=(1, 2), extra_in_dim=extra_in_dim)
+
+
+def perturbed(module, seed=1, scale=0.05):
+    """A copy whose every parameter is moved, so that it differs from the original at every denoising step."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return module
+
+
+def tiny_planner(sampler="ddpm", planner="diffuser", steps=5, **overrides):
+    args = da.Args(planner=planner, sampler=sampler, horizon=HORIZON, denoising_steps=steps, num_plans=4,
+                   **overrides)
+    torch.manual_seed(0)
+    critic = TwinQ(STATE_DIM, ACTION_DIM, hidden=16)
+    return da.Planner(args, da.make_diffusion(args), tiny_unet(), critic, STATE_DIM, ACTION_DIM)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "sm", "fm"])
+def test_inpainted_state_equals_the_given_state_at_every_denoising_step(sampler):
+    planner = tiny_planner(sampler)
+    states = torch.randn(3, STATE_DIM)
+    out = planner.sample(states, 4, return_chain=True)
+    expected = states.repeat_interleave(4, 0)
+    for latent in out.chain:
+        assert torch.equal(latent[:, 0, :STATE_DIM], expected)
+    assert not torch.allclose(out.chain[-1][:, 1:], out.chain[0][:, 1:])  # the rest of the plan did move
+
+
+def test_training_masks_always_know_the_current_state_and_a_causal_prefix():
+    known = da.random_prefix_masks(500, HORIZON, STATE_DIM, X_DIM, "cpu")
+    assert known[:, 0, :STATE_DIM].all()
+    fully_known_steps = known.all(-1).sum(1)
+    assert fully_known_steps.min() == 0 and fully_known_steps.max() == HORIZON - 1
+    for row in known[:20]:  # fully known steps form a prefix, followed by one step whose state only is known
+        prefix = int(row.all(-1).sum())
+        assert row[:prefix].all() and row[prefix, :STATE_DIM].all() and not row[prefix, STATE_DIM:].any()
+
+
+class ActionIsQ(torch.nn.Module):
+    """A critic whose Q is the first action entry, so the best plan is known."""
+
+    def forward(self, states, actions):
+        return actions[:, 0], actions[:, 0] + 1.0
+
+
+def test_plan_selection_executes_the_argmax_q_plan():
+    planner = tiny_planner()
+    planner.q_target = ActionIsQ()
+    states = torch.randn(3, STATE_DIM)
+    plans = torch.randn(3 * planner.num_plans, HORIZON, X_DIM)
+    plans[:, 0, :STATE_DIM] = states.repeat_interleave(planner.num_plans, 0)
+    planner.sample = lambda states, repeats, **kwargs: type("Out", (), {"x0": plans})()
+    actions, chosen = planner.act(states)
+    grouped_first_actions = plans[:, 0, STATE_DIM].view(3, planner.num_plans)
+    torch.testing.assert_close(actions[:, 0], grouped_first_actions.max(1).values.clamp(-1, 1))
+    torch.testing.assert_close(chosen, plans.view(3, planner.num_plans, HORIZON, X_DIM)[torch.arange(3),
+                                                                                        grouped_first_actions.argmax(1)])
+    rewards = torch.tensor([0.1, 0.5, -1.0, 0.4, 2.0, 1.0])
+    assert da.select_best_plans(rewards, 3).tolist() == [1, 1]
+
+
+def test_mean_plan_reward_averages_q_over_the_plan():
+    planner = tiny_planner(plan_reward="mean")
+    planner.q_target = ActionIsQ()
+    plans = torch.randn(5, HORIZON, X_DIM)
+    torch.testing.assert_close(planner.rewards(plans), plans[:, :, STATE_DIM].mean(1))
+
+
+def test_decision_diffuser_scores_plans_with_inverse_dynamics_actions():
+    args = da.Args(planner="dd", horizon=HORIZON, denoising_steps=3, num_plans=4)
+    inverse_dynamics = lambda s, s_next: (s_next - s)[..., :1]
+    planner = da.Planner(args, da.make_diffusion(args), None, ActionIsQ(), STATE_DIM, ACTION_DIM, inverse_dynamics)
+    plans = torch.randn(6, HORIZON, STATE_DIM)
+    torch.testing.assert_close(planner.rewards(plans), plans[:, 1, 0] - plans[:, 0, 0])
+
+
+def test_advantages_are_normalised_per_conditioning_state():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 100.0, 200.0, 300.0])
+    advantages = da.advantages_per_state(rewards, 3)
+    torch.testing.assert_close(advantages[:3], advantages[3:])
+    torch.testing.assert_close(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "decay", "similarity"])
+def test_credit_weights_have_mean_one_over_stochastic_steps(kind):
+    chain = torch.randn(6, 4, HORIZON, X_DIM)
+    stochastic = torch.tensor([True, True, True, True, False])
+    weights = da.credit_weights(kind, chain, stochastic, 0.5)
+    assert torch.all(weights[-1] == 0)
+    torch.testing.assert_close(weights[:4].mean(0), torch.ones(4))
+    if kind == "decay":
+        assert torch.all(weights[3] > weights[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Alignment losses
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler,extra", [("ddpm", {}), ("sm", {}), ("ddim", {"ddim_eta": 1.0})])
+def test_ppo_ratio_is_one_before_the_first_update(sampler, extra):
+    planner = tiny_planner(sampler, **extra)
+    states = torch.randn(2, STATE_DIM)
+    with torch.no_grad():
+        out = planner.sample(states, 4, return_chain=True)
+    known, _ = da.inpaint_current_state(states, HORIZON, X_DIM, 4)
+    advantages = torch.randn(8)
+    for step in torch.nonzero(out.stochastic).flatten().tolist():
+        log_prob, _, _ = da.step_log_prob(planner.diffusion, planner.denoiser, out.chain, step, (~known).float())
+        _, ratio = da.policy_gradient_loss(log_prob, out.log_probs[step], advantages, torch.ones(8), "ppo", 0.2)
+        torch.testing.assert_close(ratio, torch.ones(8), atol=1e-5, rtol=0)
+
+
+def test_ppo_loss_is_minus_mean_advantage_at_ratio_one_and_clips():
+    advantages = torch.tensor([1.0, -2.0])
+    log_prob = torch.zeros(2)
+    loss, _ = da.policy_gradient_loss(log_prob, log_prob, advantages, torch.ones(2), "ppo", 0.2)
+    torch.testing.assert_close(loss, -advantages.mean())
+    big_step = torch.tensor([1.0, 1.0])  # ratio e: the positive advantage is clipped at 1.2, the negative one is not
+    loss, _ = da.policy_gradient_loss(big_step, log_prob, advantages, torch.ones(2), "ppo", 0.2)
+    torch.testing.assert_close(loss, torch.tensor((-1.2 + 2.0 * math.e) / 2))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "fm"])
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_dpo_loss_is_log_two_when_the_model_equals_the_reference(sampler, lora_rank):
+    planner = tiny_planner(sampler)
+    foundation = perturbed(planner.denoiser)
+    model = copy.deepcopy(foundation)
+    if lora_rank:
+        inject_lora(model, lora_rank, 8.0)
+        reference = lambda: lora_disabled(model)
+    else:
+        reference = lambda: _yield(foundation)
+    winners, losers = torch.randn(6, HORIZON, X_DIM), torch.randn(6, HORIZON, X_DIM)
+    known, _ = da.inpaint_current_state(winners[:, 0, :STATE_DIM], HORIZON, X_DIM, 1)
+    loss, accuracy = da.dpo_loss(planner.diffusion, model, reference, winners, losers, known, beta=500.0)
+    torch.testing.assert_close(loss, torch.tensor(math.log(2.0)))
+    assert accuracy == 0.0  # a zero margin is not counted as a correct preference
+
+
+class _yield:
+    """A context manager yielding a fixed module (the frozen copy used as reference for full fine-tuning)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        return self.module
+
+    def __exit__(self, *exc):
+        return False
+
+
+class CallRecorder(torch.nn.Module):
+    """Wraps a denoiser and records, per call, whether a gradient reached that call's output."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.reached = inner, []
+
+    def forward(self, x, t, cond):
+        out = self.inner(x, t, cond)
+        index = len(self.reached)
+        self.reached.append(False)
+        if out.requires_grad:
+            out.register_hook(lambda grad, index=index: self.reached.__setitem__(index, True))
+        return out
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "fm"])
+def test_qvpg_gradients_reach_only_the_last_k_denoising_steps(sampler):
+    planner = tiny_planner(sampler, steps=6)
+    recorder = CallRecorder(planner.denoiser)
+    planner.q_target = TwinQ(STATE_DIM, ACTION_DIM, hidden=8).requires_grad_(False)
+    out = planner.sample(torch.randn(2, STATE_DIM), 3, model=recorder, grad_last_k=2)
+    (-planner.rewards(out.x0).mean()).backward()
+    assert recorder.reached == [False] * 4 + [True] * 2
+    assert all(p.grad is not None for p in planner.denoiser.input_proj.parameters())
+
+
+def test_lora_reference_equals_the_foundation_and_adapters_change_the_output():
+    foundation = perturbed(tiny_unet())
+    planner_net = copy.deepcopy(foundation)
+    adapters = inject_lora(planner_net, 4, 8.0, include_conv=True)
+    x, t = torch.randn(5, HORIZON, X_DIM), torch.rand(5)
+    with torch.no_grad():
+        torch.testing.assert_close(planner_net(x, t, None), foundation(x, t, None))
+        for parameter in adapters:
+            parameter.add_(0.1)
+        assert not torch.allclose(planner_net(x, t, None), foundation(x, t, None))
+        with lora_disabled(planner_net):
+            torch.testing.assert_close(planner_net(x, t, None), foundation(x, t, None))
+
+
+def test_cascade_equals_the_foundation_at_initialisation():
+    foundation = perturbed(tiny_unet())
+    cascade = TemporalUNet(X_DIM, HORIZON, 0, base_dim=8, dim_mults=(1, 2), extra_in_dim=X_DIM)
+    load_foundation_into_cascade(cascade, foundation.state_dict())
+    x, t, condition = torch.randn(5, HORIZON, X_DIM), torch.rand(5), torch.randn(5, HORIZON, X_DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(da.CascadeDenoiser(cascade)(x, t, condition), foundation(x, t, None))
+
+
+def test_sft_elbo_proxy_ranks_likely_plans_below_unlikely_ones():
+    """With the exact noise predictor of N(0, I) data (eps_hat = sigma_t x_t), in-distribution plans score lower."""
+    diffusion = Diffusion("ddpm", 10)
+    exact = lambda x, t, cond: diffusion.noise_levels(t)[1].view(-1, 1, 1) * x
+    generator = torch.Generator().manual_seed(0)
+    likely = torch.randn(256, HORIZON, X_DIM, generator=generator)
+    unlikely = likely + 3.0
+    known, _ = da.inpaint_current_state(likely[:, 0, :STATE_DIM], HORIZON, X_DIM, 1)
+    draws = [(t, torch.randn(1, HORIZON, X_DIM, generator=generator)) for t in (0.2, 0.5, 0.8)]
+    likely_score = da.elbo_proxy(diffusion, exact, likely, known, draws)
+    unlikely_score = da.elbo_proxy(diffusion, exact, unlikely, known, draws)
+    assert torch.quantile(likely_score, 0.9) < unlikely_score.min()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,message", [
+    (dict(sampler="ddim", align="rl"), "qvpg"),
+    (dict(sampler="fm", align="rl,dpo"), "qvpg"),
+    (dict(horizon=12), "power of two"),
+    (dict(align="rl,ppo"), "unknown alignment method"),
+    (dict(planner="decision"), "--planner"),
+    (dict(sampler="dpm_solver++"), "--sampler"),
+    (dict(align_samples=1), "--align-samples"),
+    (dict(dpo_beta=0.0), "--dpo-beta"),
+    (dict(cascade_branch_step=20), "--cascade-branch-step"),
+])
+def test_bad_arguments_are_user_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        da.validate_args(da.Args(**overrides))
+    assert da.validate_args(da.Args(sampler="ddim", ddim_eta=1.0, align="rl")) == ["rl"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End-to-end smoke runs (subprocess, tiny sizes)
+# ----------------------------------------------------------------------------------------------------------------
+TINY = ["--foundation-steps", "12", "--critic-steps", "12", "--inverse-dynamics-steps", "12", "--batch-size", "16",
+        "--critic-batch-size", "16", "--critic-hidden", "16", "--inverse-dynamics-hidden", "16", "--unet-base-dim",
+        "8", "--eval-episodes", "2", "--denoising-steps", "4", "--num-plans", "3", "--align-states", "2",
+        "--align-samples", "4", "--rl-steps", "2", "--qvpg-steps", "2", "--dpo-steps", "2", "--sft-steps", "2",
+        "--cascade-steps", "2", "--cascade-branch-step", "2", "--cascade-branches", "2", "--qvpg-last-k", "2",
+        "--save-every", "5", "--sft-elbo-draws", "2"]
+
+
+def run_script(tmp_path, *argv, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MINARI_DATASETS_PATH=os.environ["MINARI_DATASETS_PATH"])
+    return subprocess.run([sys.executable, "diffuser_align.py", *argv], cwd=da.__file__.rsplit("/", 1)[0], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def summary_of(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+SMOKE_CASES = {  # one run per planner x sampler, covering every method it supports and the option code paths
+    "diffuser-ddpm": ["--planner", "diffuser", "--sampler", "ddpm", "--align", "rl,qvpg,dpo,sft,cascade",
+                      "--rl-credit", "similarity", "--kl-coef", "0.1", "--entropy-coef", "0.01", "--passes", "2",
+                      "--online-episodes", "1", "--online-critic-steps", "3", "--eval-every", "1"],
+    "diffuser-ddim": ["--planner", "diffuser", "--sampler", "ddim", "--align", "qvpg,dpo,sft,cascade",
+                      "--lora-rank", "0", "--plan-reward", "mean", "--kl-coef", "0.1"],
+    "diffuser-ddim-eta": ["--planner", "diffuser", "--sampler", "ddim", "--ddim-eta", "1.0", "--align", "rl"],
+    "diffuser-sm": ["--planner", "diffuser", "--sampler", "sm", "--align", "rl,qvpg,dpo,sft,cascade",
+                    "--rl-algo", "reinforce", "--rl-credit", "decay", "--sft-source", "reference"],
+    "diffuser-fm": ["--planner", "diffuser", "--sampler", "fm", "--align", "qvpg,dpo,sft,cascade",
+                    "--qvpg-random-k"],
+    "dd-ddpm": ["--planner", "dd", "--sampler", "ddpm", "--align", "rl,qvpg,dpo,sft,cascade", "--plan-reward", "mean"],
+}
+
+
+@pytest.mark.parametrize("case", SMOKE_CASES)
+def test_smoke_run_every_planner_sampler_and_method(tmp_path, case):
+    run_dir = tmp_path / case
+    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(run_dir), *TINY, *SMOKE_CASES[case])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = summary_of(run_dir)
+    methods = SMOKE_CASES[case][SMOKE_CASES[case].index("--align") + 1].split(",")
+    passes = 2 if "--passes" in SMOKE_CASES[case] else 1
+    expected = {"foundation", "aligned"} | {f"pass{p}/{m}" for p in range(1, passes + 1) for m in methods}
+    assert set(summary["stages"]) == expected
+    assert set(summary["coherency"]) == expected
+    assert all(0.0 <= value <= 1.0 for value in summary["coherency"].values())
+    assert all(np.isfinite(stats["return_mean"]) for stats in summary["stages"].values())
+    assert "foundation_steps_per_s" in summary["throughput"]
+    assert "stage" in result.stdout and "aligned" in result.stdout  # the final table
+
+
+def test_rl_with_a_deterministic_sampler_exits_with_a_one_line_error(tmp_path):
+    result = run_script(tmp_path, "--env", "nav1d-full", "--sampler", "fm", "--align", "rl",
+                        "--run-dir", str(tmp_path / "bad"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "qvpg" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()  # rejected before any work
+
+
+def test_interrupted_run_resumes_to_the_same_numbers(tmp_path):
+    argv = ["--env", "nav1d-full", *TINY, "--foundation-steps", "400", "--save-every", "10", "--align", "rl,dpo"]
+    reference = run_script(tmp_path, "--run-dir", str(tmp_path / "straight"), *argv)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tmp_path / "interrupted"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "diffuser_align.py", "--run-dir", str(run_dir), *argv],
+                               cwd=da.__file__.rsplit("/", 1)[0], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "latest.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "interrupted: checkpoint saved" in stdout
+
+    resumed = run_script(tmp_path, "--run-dir", str(run_dir), "--resume", *argv)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from stage 'foundation'" in resumed.stdout
+    straight, again = summary_of(tmp_path / "straight"), summary_of(run_dir)
+    assert again["stages"] == straight["stages"]
+
+    finished = run_script(tmp_path, "--run-dir", str(run_dir), "--resume", *argv)  # nothing left: skips every stage
+    assert finished.returncode == 0 and summary_of(run_dir)["stages"] == straight["stages"]
+
+
+def make_tiny_hopper_dataset(dataset_id, episodes=4, steps=40):
+    """Random-action Hopper-v5 episodes written as a local Minari dataset (under the test MINARI_DATASETS_PATH)."""
+    import gymnasium as gym
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    env = gym.make("Hopper-v5")
+    rng = np.random.default_rng(0)
+    buffers = []
+    for episode in range(episodes):
+        observation, _ = env.reset(seed=episode)
+        buffer = EpisodeBuffer(observations=observation)
+        for step in range(steps):
+            action = rng.uniform(-1, 1, size=3).astype(np.float32)
+            observation, reward, terminated, truncated, _ = env.step(action)
+            truncated = (truncated or step == steps - 1) and not terminated
+            buffer = buffer.add_step_data({"observation": observation, "action": action, "reward": reward,
+                                           "termination": terminated, "truncation": truncated, "info": {}})
+            if terminated or truncated:
+                break
+        buffers.append(buffer)
+    minari.create_dataset_from_buffers(dataset_id=dataset_id, buffer=buffers, env=env, algorithm_name="random",
+                                       description="tiny random Hopper-v5 data for the diffuser_align smoke test")
+
+
+def test_hopper_minari_dataset_runs_end_to_end_with_horizon_32(tmp_path):
+    dataset_id = "mujoco/hopper/diffusertiny-v0"
+    make_tiny_hopper_dataset(dataset_id)
+    run_dir = tmp_path / "hopper"
+    result = run_script(tmp_path, "--env", dataset_id, "--run-dir", str(run_dir), *TINY, "--eval-episodes", "1",
+                        "--eval-max-steps", "3", "--align", "rl,dpo,sft")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = summary_of(run_dir)
+    assert summary["args"]["horizon"] == 32 and summary["args"]["unet_dim_mults"] == [1, 2, 4]
+    assert np.isfinite(summary["stages"]["aligned"]["normalized_mean"])
+    assert "coherency" not in summary
