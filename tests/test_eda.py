@@ -18,7 +18,7 @@ from common.diffusion import Diffusion, VPSDE
 TINY_NAV1D = ["--behavior-steps", "30", "--critic-steps", "30", "--align-steps", "20", "--K", "4",
               "--eval-episodes", "3", "--sampler-steps", "4", "--log-every", "10", "--save-every", "10",
               "--eval-every", "10", "--hidden", "16", "--critic-hidden", "16", "--behavior-batch-size", "32",
-              "--align-batch-size", "8"]
+              "--align-batch-size", "8", "--cpu-threads", "1"]
 
 
 def tiny_model(state_dim=3, action_dim=2, dropout=0.0, seed=0) -> eda_d4rl.EnergyModel:

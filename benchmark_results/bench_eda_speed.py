@@ -1,0 +1,183 @@
+"""Speed of EDA's four hot loops on the paper network with hopper shapes (S=11, A=3; DESIGN 3.1), written to
+benchmark_results/eda_speed.md.
+
+Each loop is reported as steps (or states) per second and as achieved GFLOP/s: the floating point operations of the
+matrix multiplications it really executes (counted once with torch.utils.flop_counter, backward and double backward
+included) divided by its wall time, next to the machine's fp32 matmul peak measured in the same process.
+
+    python benchmark_results/bench_eda_speed.py                  # CPU, small step counts
+    python benchmark_results/bench_eda_speed.py --device cuda --repeats 50
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eda_d4rl  # noqa: E402
+from common.diffusion import Diffusion, VPSDE  # noqa: E402
+from common.nets import TwinQ, count_parameters  # noqa: E402
+
+STATE_DIM, ACTION_DIM = 11, 3  # hopper
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds_per_call(function, device, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of `function()` after warm-up calls."""
+    for _ in range(warmup):
+        function()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+class MatmulFlops(TorchDispatchMode):
+    """Counts the FLOPs of every matmul-like op that runs (torch's flop formulas). FlopCounterMode itself cannot be
+    used: its module tracker breaks autograd.grad with respect to a leaf tensor, which EDA's noise prediction uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def counted_flops(function) -> int:
+    with MatmulFlops() as counter:
+        function()
+    return counter.total
+
+
+def matmul_peak(device, size: int, repeats: int) -> float:
+    """fp32 GFLOP/s of a square matmul: the ceiling the training steps are compared with."""
+    left, right = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    seconds = seconds_per_call(lambda: left @ right, device, repeats)
+    return 2 * size**3 / seconds / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--candidate-states", type=int, default=64, help="states per candidate-sampling batch")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("eda_speed.md")))
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
+    device = torch.device(options.device)
+    torch.manual_seed(0)
+
+    sde = VPSDE()
+    args = eda_d4rl.Args()  # paper network: hidden 256, 3 blocks, expansion 4, dropout 0.1
+    behavior = eda_d4rl.EnergyModel(STATE_DIM, ACTION_DIM, args, sde).to(device)
+    critic = TwinQ(STATE_DIM, ACTION_DIM, hidden=args.critic_hidden).to(device)
+    diffusion = Diffusion("dpm_solver++", steps=args.sampler_steps, sde=sde)
+    low, high = -torch.ones(ACTION_DIM, device=device), torch.ones(ACTION_DIM, device=device)
+    rows = []
+
+    peak = matmul_peak(device, 2048, options.repeats)
+
+    # behavior pretraining: batch 2048, loss through grad_a f (double backward)
+    behavior.train()
+    optimizer = torch.optim.Adam(behavior.parameters(), lr=args.behavior_lr)
+    states, actions = torch.randn(2048, STATE_DIM, device=device), torch.rand(2048, ACTION_DIM, device=device) * 2 - 1
+
+    def behavior_step():
+        loss = eda_d4rl.behavior_loss(behavior, actions, states, sde)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    seconds = seconds_per_call(behavior_step, device, options.repeats)
+    rows.append(("behavior step (batch 2048)", 1 / seconds, "steps/s", counted_flops(behavior_step) / seconds))
+
+    # alignment: 256 states x K=16 candidates, two forward passes of f, one backward
+    behavior.eval().requires_grad_(False)
+    policy = copy.deepcopy(behavior).requires_grad_(True)
+    policy_optimizer = torch.optim.Adam(policy.parameters(), lr=args.align_lr)
+    align_states = torch.randn(256, STATE_DIM, device=device)
+    candidates = torch.rand(256, args.K, ACTION_DIM, device=device) * 2 - 1
+    q_labels = torch.randn(256, args.K, device=device)
+
+    def alignment_step():
+        loss, _ = eda_d4rl.alignment_loss(policy, behavior, align_states, candidates, q_labels, args, sde)
+        policy_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        policy_optimizer.step()
+        return loss.detach()
+
+    seconds = seconds_per_call(alignment_step, device, options.repeats)
+    rows.append(("alignment step (256 states x 16)", 1 / seconds, "steps/s", counted_flops(alignment_step) / seconds))
+
+    # candidate generation: K=16 samples per state, 15 DPM-Solver++ steps, each a forward + input gradient of f
+    def generate(batch_states):
+        return eda_d4rl.generate_candidates(behavior, critic, diffusion, batch_states, args.K, low, high)
+
+    batch_states = torch.randn(options.candidate_states, STATE_DIM, device=device)
+    seconds = seconds_per_call(lambda: generate(batch_states), device, max(1, options.repeats // 2), warmup=1)
+    flops = counted_flops(lambda: generate(batch_states))
+    rows.append((f"candidates, batched ({options.candidate_states} states x 16)", options.candidate_states / seconds,
+                 "states/s", flops / seconds))
+    one_state = batch_states[:1]
+    seconds = seconds_per_call(lambda: generate(one_state), device, options.repeats, warmup=1)
+    rows.append(("candidates, one state per call", 1 / seconds, "states/s", counted_flops(lambda: generate(one_state))
+                 / seconds))
+
+    # evaluation: one action for a batch of 20 environments, best of 4 samples by Q
+    env_states = torch.randn(20, STATE_DIM, device=device)
+
+    def act():
+        sampled = eda_d4rl.sample_actions(policy, diffusion, env_states, args.eval_candidates, low, high)
+        q = eda_d4rl.min_q(critic, env_states.repeat_interleave(args.eval_candidates, 0), sampled)
+        return sampled.view(20, args.eval_candidates, -1)[torch.arange(20), q.view(20, -1).argmax(-1)]
+
+    seconds = seconds_per_call(act, device, options.repeats)
+    rows.append(("evaluation action (20 envs x 4 samples)", 1000 * seconds, "ms/action", counted_flops(act) / seconds))
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    lines = [
+        "# EDA speed (paper network, hopper shapes)",
+        "",
+        f"Device: {device} ({platform.processor() or platform.machine()}), {options.threads} threads, "
+        f"torch {torch.__version__}, commit {commit}. Behavior model f: {count_parameters(behavior):,} parameters.",
+        f"Measured fp32 matmul peak (2048^3) in the same run: **{peak:.1f} GFLOP/s**.",
+        "",
+        "| loop | rate | unit | achieved GFLOP/s | % of matmul peak |",
+        "|---|---|---|---|---|",
+    ]
+    for name, rate, unit, flops_per_s in rows:
+        lines.append(f"| {name} | {rate:.3g} | {unit} | {flops_per_s / 1e9:.1f} | {100 * flops_per_s / 1e9 / peak:.0f}% |")
+    lines += ["", f"Command: `python benchmark_results/bench_eda_speed.py {' '.join(sys.argv[1:])}`".rstrip()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(options.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
