@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import eda_d4rl
+from conftest import make_tiny_hopper_dataset
 from common.diffusion import Diffusion, VPSDE
 
 TINY_NAV1D = ["--behavior-steps", "30", "--critic-steps", "30", "--align-steps", "20", "--K", "4",
@@ -202,32 +203,6 @@ def test_load_behavior_and_critic_from_another_run(tmp_path):
     assert wrong_shape.returncode == 2 and "does not fit" in wrong_shape.stderr
 
 
-def make_tiny_hopper_dataset(dataset_id, episodes=10, steps=25):
-    """Random-action Hopper-v5 episodes written as a local Minari dataset."""
-    import gymnasium as gym
-    import minari
-    from minari.data_collector import EpisodeBuffer
-
-    env = gym.make("Hopper-v5")
-    rng = np.random.default_rng(0)
-    buffers = []
-    for episode in range(episodes):
-        observation, _ = env.reset(seed=episode)
-        buffer = EpisodeBuffer(observations=observation)
-        for step in range(steps):
-            action = rng.uniform(-1, 1, size=3).astype(np.float32)
-            observation, reward, terminated, truncated, _ = env.step(action)
-            truncated = truncated or step == steps - 1
-            buffer = buffer.add_step_data({"observation": observation, "action": action, "reward": reward,
-                                           "termination": terminated, "truncation": truncated and not terminated,
-                                           "info": {}})
-            if terminated or truncated:
-                break
-        buffers.append(buffer)
-    minari.create_dataset_from_buffers(dataset_id=dataset_id, buffer=buffers, env=env, algorithm_name="random",
-                                       description="tiny random Hopper-v5 data for the EDA smoke test")
-
-
 def test_hopper_minari_smoke_run_prints_a_normalized_score(tmp_path):
     dataset_id = "mujoco/hopper/edatiny-v0"
     make_tiny_hopper_dataset(dataset_id)
@@ -235,7 +210,7 @@ def test_hopper_minari_smoke_run_prints_a_normalized_score(tmp_path):
                         "--behavior-steps", "3", "--critic-steps", "3", "--align-steps", "3", "--K", "2",
                         "--hidden", "16", "--blocks", "1", "--critic-hidden", "16", "--behavior-batch-size", "16",
                         "--align-batch-size", "4", "--eval-episodes", "2", "--eval-candidates", "2",
-                        "--sampler-steps", "2", "--log-every", "1", "--eval-every", "0")
+                        "--sampler-steps", "2", "--log-every", "1", "--eval-every", "0", "--cpu-threads", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "normalized score" in result.stdout
     stages = stage_numbers(tmp_path / "hopper")
