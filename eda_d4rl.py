@@ -65,7 +65,7 @@ class Args:
     save_every: int = 10_000
     """steps between checkpoints (in the candidate stage one step is one batch of states)"""
     compile: bool = False
-    """torch.compile the networks' forward passes (behavior pretraining stays eager: it needs double backward)"""
+    """torch.compile the training losses (faster steps after a compile of a minute or two; other random streams)"""
     cpu_threads: int = 0
     """torch CPU threads (0: torch's default); small networks run faster on 1, above all on a busy machine"""
 
@@ -201,13 +201,11 @@ class EnergyModel(nn.Module):
     def forward(self, actions_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         return self.net(actions_t, t, states).sum(-1)
 
-    def noise_prediction(self, actions_t, t, states, create_graph: bool = False) -> torch.Tensor:
-        """-sigma_t * grad_a f; create_graph=True keeps the graph for a loss on eps (double backward)."""
-        with torch.enable_grad():
-            if not actions_t.requires_grad:
-                actions_t = actions_t.detach().requires_grad_(True)
-            energy = self(actions_t, t, states)
-            (grad,) = torch.autograd.grad(energy.sum(), actions_t, create_graph=create_graph)
+    def noise_prediction(self, actions_t, t, states) -> torch.Tensor:
+        """-sigma_t * grad_a f. torch.func.grad differentiates in its own autograd level, so it works under no_grad
+        (sampling), keeps the graph to the weights when a loss is taken of it (training), and torch.compile can
+        trace it (autograd.grad with create_graph=True cannot be compiled)."""
+        grad = torch.func.grad(lambda actions: self(actions, t, states).sum())(actions_t)
         return -self.sde.sigma(t)[:, None] * grad
 
 
@@ -216,7 +214,7 @@ def behavior_loss(model: EnergyModel, actions, states, sde: VPSDE) -> torch.Tens
     t = torch.rand(actions.shape[0], device=actions.device) * (1 - T_MIN) + T_MIN
     noise = torch.randn_like(actions)
     actions_t = sde.alpha(t)[:, None] * actions + sde.sigma(t)[:, None] * noise
-    eps = model.noise_prediction(actions_t, t, states, create_graph=True)
+    eps = model.noise_prediction(actions_t, t, states)
     return (eps - noise).pow(2).sum(-1).mean()
 
 
@@ -363,6 +361,11 @@ def main(args: Args) -> None:
                   "policy": torch.optim.Adam(policy.parameters(), lr=args.align_lr)}
     print(f"behavior model f: {count_parameters(behavior):,} parameters; critic {count_parameters(critic):,}")
 
+    # --compile fuses the elementwise work of each training loss (forward, input gradient and backward) into a few
+    # kernels; sampling stays eager (its batch size changes as evaluation episodes end)
+    compiled = torch.compile if args.compile else (lambda function: function)
+    behavior_loss_fn, iql_losses_fn, alignment_loss_fn = map(compiled, (behavior_loss, iql_losses, alignment_loss))
+
     completed: dict = {}          # stage name -> results (throughput, evaluations)
     candidates: dict = {}         # "indices" (N_sel,), "actions" (N_sel,K,A), "q_labels" (N_sel,K), "done": int
     stage, step, elapsed_before = "behavior", 0, 0.0
@@ -393,12 +396,6 @@ def main(args: Args) -> None:
             print(f"interrupted: checkpoint saved to {path}")
             run.close()
             raise SystemExit(130)
-
-    def maybe_compile(*modules: nn.Module) -> None:
-        """--compile: compile forward passes only after the double-backward behavior stage is over."""
-        if args.compile:
-            for module in modules:
-                module.forward = torch.compile(module.forward)
 
     def start_step(stage_name: str) -> int:
         return step if stage == stage_name else 0
@@ -442,7 +439,7 @@ def main(args: Args) -> None:
 
         def behavior_step():
             index = torch.randint(num_transitions, (args.behavior_batch_size,), device=device)
-            loss = behavior_loss(behavior, actions[index], observations[index], sde)
+            loss = behavior_loss_fn(behavior, actions[index], observations[index], sde)
             optimizers["behavior"].zero_grad(set_to_none=True)
             loss.backward()
             optimizers["behavior"].step()
@@ -454,7 +451,6 @@ def main(args: Args) -> None:
         stage, step = "critic", 0
         save(stage, step)
     behavior.eval().requires_grad_(False)
-    maybe_compile(behavior.net, policy.net, critic, critic_target, value)
 
     # ============================================================================================================
     # Stage 2: IQL critic (twin Q with Polyak targets, expectile V)
@@ -470,7 +466,7 @@ def main(args: Args) -> None:
         def critic_step():
             index = torch.randint(num_transitions, (args.critic_batch_size,), device=device)
             batch = (observations[index], actions[index], rewards[index], next_observations[index], terminals[index])
-            value_loss, q_loss = iql_losses(critic, critic_target, value, batch, args)
+            value_loss, q_loss = iql_losses_fn(critic, critic_target, value, batch, args)
             optimizers["v"].zero_grad(set_to_none=True)
             value_loss.backward()
             optimizers["v"].step()
@@ -542,7 +538,7 @@ def main(args: Args) -> None:
 
         def alignment_step():
             index = torch.randint(num_selected, (args.align_batch_size,), device=device)
-            loss, accuracy = alignment_loss(policy, behavior, candidate_states[index], candidate_actions[index],
+            loss, accuracy = alignment_loss_fn(policy, behavior, candidate_states[index], candidate_actions[index],
                                             candidate_q[index], args, sde)
             optimizers["policy"].zero_grad(set_to_none=True)
             loss.backward()

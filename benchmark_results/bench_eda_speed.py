@@ -82,7 +82,8 @@ def matmul_peak(device, size: int, repeats: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable numbers on a shared machine)")
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd training losses")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--candidate-states", type=int, default=64, help="states per candidate-sampling batch")
     parser.add_argument("--out", default=str(Path(__file__).with_name("eda_speed.md")))
@@ -100,21 +101,31 @@ def main():
     rows = []
 
     peak = matmul_peak(device, 2048, options.repeats)
+    print(f"matmul peak {peak:.1f} GFLOP/s", flush=True)
 
-    # behavior pretraining: batch 2048, loss through grad_a f (double backward)
+    def measure(name, function, flops_of, unit, per_call=1.0, repeats=options.repeats, warmup=2):
+        seconds = seconds_per_call(function, device, repeats, warmup)
+        rate = 1000 * seconds / per_call if unit.startswith("ms") else per_call / seconds
+        rows.append((name, rate, unit, flops_of / seconds))
+        print(rows[-1], flush=True)
+
+    # behavior pretraining: batch 2048, loss through grad_a f (a gradient of a gradient)
     behavior.train()
     optimizer = torch.optim.Adam(behavior.parameters(), lr=args.behavior_lr)
     states, actions = torch.randn(2048, STATE_DIM, device=device), torch.rand(2048, ACTION_DIM, device=device) * 2 - 1
 
-    def behavior_step():
-        loss = eda_d4rl.behavior_loss(behavior, actions, states, sde)
+    def behavior_step(loss_fn):
+        loss = loss_fn(behavior, actions, states, sde)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return loss.detach()
 
-    seconds = seconds_per_call(behavior_step, device, options.repeats)
-    rows.append(("behavior step (batch 2048)", 1 / seconds, "steps/s", counted_flops(behavior_step) / seconds))
+    flops = counted_flops(lambda: behavior_step(eda_d4rl.behavior_loss))
+    measure("behavior step (batch 2048), eager", lambda: behavior_step(eda_d4rl.behavior_loss), flops, "steps/s")
+    if options.compile:
+        compiled_loss = torch.compile(eda_d4rl.behavior_loss)
+        measure("behavior step (batch 2048), --compile", lambda: behavior_step(compiled_loss), flops, "steps/s")
 
     # alignment: 256 states x K=16 candidates, two forward passes of f, one backward
     behavior.eval().requires_grad_(False)
@@ -124,40 +135,45 @@ def main():
     candidates = torch.rand(256, args.K, ACTION_DIM, device=device) * 2 - 1
     q_labels = torch.randn(256, args.K, device=device)
 
-    def alignment_step():
-        loss, _ = eda_d4rl.alignment_loss(policy, behavior, align_states, candidates, q_labels, args, sde)
+    def alignment_step(loss_fn):
+        loss, _ = loss_fn(policy, behavior, align_states, candidates, q_labels, args, sde)
         policy_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         policy_optimizer.step()
         return loss.detach()
 
-    seconds = seconds_per_call(alignment_step, device, options.repeats)
-    rows.append(("alignment step (256 states x 16)", 1 / seconds, "steps/s", counted_flops(alignment_step) / seconds))
+    flops = counted_flops(lambda: alignment_step(eda_d4rl.alignment_loss))
+    measure("alignment step (256 states x 16), eager", lambda: alignment_step(eda_d4rl.alignment_loss), flops,
+            "steps/s")
+    if options.compile:
+        compiled_loss = torch.compile(eda_d4rl.alignment_loss)
+        measure("alignment step (256 states x 16), --compile", lambda: alignment_step(compiled_loss), flops,
+                "steps/s")
 
     # candidate generation: K=16 samples per state, 15 DPM-Solver++ steps, each a forward + input gradient of f
     def generate(batch_states):
         return eda_d4rl.generate_candidates(behavior, critic, diffusion, batch_states, args.K, low, high)
 
     batch_states = torch.randn(options.candidate_states, STATE_DIM, device=device)
-    seconds = seconds_per_call(lambda: generate(batch_states), device, max(1, options.repeats // 2), warmup=1)
-    flops = counted_flops(lambda: generate(batch_states))
-    rows.append((f"candidates, batched ({options.candidate_states} states x 16)", options.candidate_states / seconds,
-                 "states/s", flops / seconds))
-    one_state = batch_states[:1]
-    seconds = seconds_per_call(lambda: generate(one_state), device, options.repeats, warmup=1)
-    rows.append(("candidates, one state per call", 1 / seconds, "states/s", counted_flops(lambda: generate(one_state))
-                 / seconds))
+    few = max(1, options.repeats // 2)
+    measure("candidates, one state per call (before)", lambda: [generate(row[None]) for row in batch_states[:8]],
+            counted_flops(lambda: [generate(row[None]) for row in batch_states[:8]]), "states/s", 8, few, 1)
+    measure(f"candidates, {options.candidate_states} states per call (after)", lambda: generate(batch_states),
+            counted_flops(lambda: generate(batch_states)), "states/s", options.candidate_states, few, 1)
 
-    # evaluation: one action for a batch of 20 environments, best of 4 samples by Q
+    # evaluation: one action for each of 20 environments, best of 4 samples by Q
     env_states = torch.randn(20, STATE_DIM, device=device)
 
-    def act():
-        sampled = eda_d4rl.sample_actions(policy, diffusion, env_states, args.eval_candidates, low, high)
-        q = eda_d4rl.min_q(critic, env_states.repeat_interleave(args.eval_candidates, 0), sampled)
-        return sampled.view(20, args.eval_candidates, -1)[torch.arange(20), q.view(20, -1).argmax(-1)]
+    def act(observations):
+        sampled = eda_d4rl.sample_actions(policy, diffusion, observations, args.eval_candidates, low, high)
+        q = eda_d4rl.min_q(critic, observations.repeat_interleave(args.eval_candidates, 0), sampled)
+        best = q.view(len(observations), -1).argmax(-1)
+        return sampled.view(len(observations), args.eval_candidates, -1)[torch.arange(len(observations)), best]
 
-    seconds = seconds_per_call(act, device, options.repeats)
-    rows.append(("evaluation action (20 envs x 4 samples)", 1000 * seconds, "ms/action", counted_flops(act) / seconds))
+    measure("evaluation action, one env per call (before)", lambda: [act(row[None]) for row in env_states],
+            counted_flops(lambda: [act(row[None]) for row in env_states]), "ms/action (20 envs)")
+    measure("evaluation action, 20 envs per call (after)", lambda: act(env_states), counted_flops(lambda: act(env_states)),
+            "ms/action (20 envs)")
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
