@@ -213,6 +213,8 @@ class Args:
     """DPO inverse temperature on the eps-error differences (tune for low-dimensional data)"""
     dpo_noise_draws: int = 4
     """(t, noise) draws per pair in every DPO step"""
+    dpo_source: str = "reference"
+    """sample the pairs from the DPO reference (the model at the start of the DPO stage) or the current model"""
 
     # ---- sft: fine-tuning on top samples under a likelihood threshold
     sft_steps: int = 1000
@@ -225,9 +227,8 @@ class Args:
     """accept a kept sample only if its reference ELBO proxy is below this quantile of the dataset's"""
     sft_elbo_draws: int = 8
     """fixed (t, noise) draws averaged in the ELBO proxy"""
-    sft_source: str = "reference"
-    """generate the SFT samples with the reference (a fixed target: cannot collapse) or the current model
-    (iterative; narrows fast on its own samples)"""
+    sft_source: str = "both"
+    """where the SFT candidates come from: current model, reference, or both (half each)"""
 
     # ---- cascade
     cascade_steps: int = 1000
@@ -255,7 +256,7 @@ PRESETS: dict[str, dict] = {
         obs_horizon=1, pred_horizon=2, action_horizon=1, hidden=32, depth=2, heads=2, sample_steps=10, align_batch=32,
         train_steps=10, foundation_steps=3000, critic_steps=4000, critic_hidden=128, expectile=0.9, eval_episodes=100,
         save_every=1000, rl_steps=150, qvpg_steps=150, dpo_steps=150, sft_steps=150, cascade_steps=300,
-        rl_lr=1e-3, qvpg_lr=1e-3, dpo_lr=1e-3, sft_lr=1e-3, cascade_lr=1e-3, online_critic_steps=500,
+        rl_lr=1e-3, qvpg_lr=1e-3, dpo_lr=1e-3, sft_lr=3e-4, cascade_lr=1e-3, online_critic_steps=500,
     ),
 }
 
@@ -273,7 +274,8 @@ def validate(args: Args) -> list[str]:
         raise UserError(f"--align rl needs a stochastic sampler but '{args.sampler}' (eta={args.eta}) is deterministic; "
                         "use --align qvpg, or --sampler ddim --eta 0.5 (or ddpm/sm)")
     choices = dict(backbone=("dit", "mlp"), selection=("expectation", "idql", "greedy"), rl_algo=("ppo", "reinforce"),
-                   credit=("uniform", "decay", "similarity"), sft_source=("current", "reference"),
+                   credit=("uniform", "decay", "similarity"), sft_source=("current", "reference", "both"),
+                   dpo_source=("current", "reference"),
                    prediction=("", "eps", "x0", "velocity"))
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
@@ -501,10 +503,12 @@ class Workspace:
         self.v_optimizer = torch.optim.Adam(self.critic.v.parameters(), lr=args.critic_lr)
         self.policy: nn.Module | None = None
         self.reference: Reference | None = None
+        self.dpo_reference: nn.Module | None = None  # frozen copy of the policy at the start of the DPO stage
         self.align_optimizer: torch.optim.Optimizer | None = None
         self.pending_align_optimizer: dict | None = None  # optimiser state of the alignment stage being resumed
         self.cascade: CascadeDenoiser | None = None
         self.cascade_optimizer: torch.optim.Optimizer | None = None
+        self.compiled: dict[int, nn.Module] = {}
         self.sft_threshold: tuple | None = None  # (threshold, draws_t, draws_noise), made once per run
         self.finished: list[str] = []  # training stages done
         self.results: dict[str, dict] = {}  # evaluated stages, in order
@@ -528,7 +532,12 @@ class Workspace:
         self.cascade_optimizer = torch.optim.Adam(self.cascade.parameters(), lr=self.args.cascade_lr)
 
     def denoiser(self, module: nn.Module) -> nn.Module:
-        return torch.compile(module) if self.args.compile else module
+        """`module`, or its torch.compile'd version (made once per module) with --compile."""
+        if not self.args.compile:
+            return module
+        if id(module) not in self.compiled:
+            self.compiled[id(module)] = torch.compile(module)
+        return self.compiled[id(module)]
 
     # ----- checkpoints ------------------------------------------------------------------------------------------
     def save(self, stage: str, step: int) -> Path:
@@ -538,6 +547,8 @@ class Workspace:
                       "v": self.v_optimizer.state_dict()}
         if self.policy is not None:
             models["policy"] = self.policy.state_dict()
+        if self.dpo_reference is not None:
+            models["dpo_reference"] = self.dpo_reference.state_dict()
         if self.align_optimizer is not None:
             optimizers["align"] = self.align_optimizer.state_dict()
         if self.cascade is not None:
@@ -560,6 +571,9 @@ class Workspace:
         if "policy" in models:
             self.make_policy()
             load_module_state(self.policy, models["policy"], "the aligned policy")
+        if "dpo_reference" in models:
+            self.dpo_reference = copy.deepcopy(self.policy)
+            load_module_state(self.dpo_reference, models["dpo_reference"], "the DPO reference")
         if "cascade" in models:
             self.make_cascade()
             load_module_state(self.cascade.net, models["cascade"], "the cascade")
@@ -753,11 +767,16 @@ def dpo_loss(diffusion: Diffusion, policy, reference, winners, losers, cond, bet
 
 
 def dpo_update(ws: Workspace) -> dict[str, torch.Tensor]:
-    """Pairs per state: the i-th best sample wins against the i-th worst (group_size // 2 pairs)."""
+    """Pairs per state: the i-th best sample wins against the i-th worst (group_size // 2 pairs).
+
+    The reference is the model as it was when this DPO stage began: the frozen foundation when DPO comes first
+    (Diffusion-DPO as published); after other methods, their result (iterative DPO), because DPO against the distant
+    foundation pulls an aligned model back to it (measured: RL's 3.9 fell to 1.9 on Nav1D)."""
     args, group = ws.args, ws.args.group_size
     cond, obs = sample_states(ws, args.align_batch)
     with torch.no_grad():
-        chunks = ws.diffusion.sample(ws.policy, ws.chunk_shape, cond, samples_per_cond=group).x0
+        source = ws.dpo_reference if args.dpo_source == "reference" else ws.policy
+        chunks = ws.diffusion.sample(source, ws.chunk_shape, cond, samples_per_cond=group).x0
         rewards = sample_rewards(ws, obs.repeat_interleave(group, 0), chunks, group).view(-1, group)
         order = rewards.argsort(dim=1, descending=True)
         half = group // 2
@@ -770,7 +789,8 @@ def dpo_update(ws: Workspace) -> dict[str, torch.Tensor]:
     pair_cond = cond.repeat_interleave(half, 0).repeat(args.dpo_noise_draws, 1)
     for _ in range(args.epochs_per_batch):  # fresh (t, noise) every epoch
         ws.align_optimizer.zero_grad(set_to_none=True)
-        loss, accuracy = dpo_loss(ws.diffusion, ws.policy, ws.reference, winners, losers, pair_cond, args.dpo_beta)
+        loss, accuracy = dpo_loss(ws.diffusion, ws.policy, ws.dpo_reference, winners, losers, pair_cond,
+                                  args.dpo_beta)
         loss.backward()
         optimizer_step(ws, ws.align_optimizer, ws.trainable_policy_parameters())
     return {"loss": loss.detach(), "implicit_accuracy": accuracy, "reward": rewards.mean()}
@@ -800,6 +820,18 @@ def sft_likelihood_threshold(ws: Workspace, dataset_samples: int = 1024) -> tupl
     return torch.quantile(scores, ws.args.sft_quantile), draws_t, draws_noise
 
 
+def sft_candidates(ws: Workspace, cond: torch.Tensor, group: int) -> torch.Tensor:
+    """`group` chunks per state (B * group, ...), grouped by state, from the sft_source model(s). With "both", half
+    come from the reference: they keep the target anchored and broad (SFT on its own samples alone narrows to one
+    state-independent point), while the current half lets SFT keep what earlier methods gained."""
+    sources = {"current": [(ws.policy, group)], "reference": [(ws.reference, group)],
+               "both": [(ws.policy, group // 2), (ws.reference, group - group // 2)]}[ws.args.sft_source]
+    parts = [ws.diffusion.sample(model, ws.chunk_shape, cond, samples_per_cond=count).x0.view(-1, count,
+                                                                                              *ws.chunk_shape)
+             for model, count in sources]
+    return torch.cat(parts, 1).flatten(0, 1)
+
+
 def sft_update(ws: Workspace) -> dict[str, torch.Tensor]:
     args, group = ws.args, ws.args.group_size
     if ws.sft_threshold is None:
@@ -808,8 +840,7 @@ def sft_update(ws: Workspace) -> dict[str, torch.Tensor]:
     cond, obs = sample_states(ws, args.align_batch)
     keep = max(1, math.ceil(args.sft_top_fraction * group))
     with torch.no_grad():
-        source = ws.reference if args.sft_source == "reference" else ws.policy
-        chunks = ws.diffusion.sample(source, ws.chunk_shape, cond, samples_per_cond=group).x0
+        chunks = sft_candidates(ws, cond, group)
         rewards = sample_rewards(ws, obs.repeat_interleave(group, 0), chunks, group).view(-1, group)
         top = rewards.topk(keep, dim=1).indices
         rows = torch.arange(top.shape[0], device=ws.device)[:, None]
@@ -972,12 +1003,13 @@ class TransitionRecorder(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
-def collect_online_episodes(ws: Workspace, use_cascade: bool) -> dict[str, np.ndarray]:
-    """Roll out the current aligned model; returns its transitions in the dataset's raw layout."""
+def collect_online_episodes(ws: Workspace, alignment_pass: int) -> dict[str, np.ndarray]:
+    """Roll out the current model (with the cascade when there is one) on fresh start states; returns its
+    transitions in the dataset's raw layout."""
     episodes: list[list] = []
-    evaluate(RecedingHorizonPolicy(ws, ws.denoiser(ws.current_model), use_cascade),
+    evaluate(RecedingHorizonPolicy(ws, ws.denoiser(ws.current_model), ws.cascade is not None),
              lambda: TransitionRecorder(ws.data.make_env(), episodes), ws.args.online_episodes,
-             ws.args.seed + 10_000 + len(ws.finished), max_steps=ws.args.eval_max_steps or None)
+             ws.args.seed + 1000 * alignment_pass, max_steps=ws.args.eval_max_steps or None)
     steps = [step for episode in episodes for step in episode]
     ends = np.concatenate([np.arange(len(episode)) == len(episode) - 1 for episode in episodes if episode])
     return {
@@ -1086,6 +1118,24 @@ def measure_action_latency(ws: Workspace, model, use_cascade: bool, repeats: int
 # ======================================================================================================================
 # Main
 # ======================================================================================================================
+def begin_alignment_stage(ws: Workspace, method: str, stage: str) -> None:
+    """Make what an alignment stage trains (policy or cascade, a fresh optimiser, DPO's reference snapshot); when
+    --resume lands inside this stage, their saved states are used instead."""
+    resuming = ws.start_step(stage) > 0
+    if method == "cascade":
+        if ws.cascade is None:
+            ws.make_cascade()
+        return
+    if ws.policy is None:
+        ws.make_policy()
+    ws.align_optimizer = torch.optim.Adam(ws.trainable_policy_parameters(), lr=getattr(ws.args, f"{method}_lr"))
+    if resuming and ws.pending_align_optimizer is not None:
+        ws.align_optimizer.load_state_dict(ws.pending_align_optimizer)
+    ws.pending_align_optimizer = None
+    if method == "dpo" and not resuming:
+        ws.dpo_reference = copy.deepcopy(ws.policy).requires_grad_(False)
+
+
 def load_stage_from(path: str, module: nn.Module, key: str, what: str) -> None:
     checkpoint = read_checkpoint_file(path, script=SCRIPT)
     if key not in checkpoint["models"]:
@@ -1132,25 +1182,14 @@ def main(args: Args) -> None:
             if alignment_pass > 1 and args.online_episodes > 0:
                 stage = f"pass{alignment_pass}/online"
                 if stage not in ws.finished and ws.start_step(stage) == 0:
-                    ws.add_online_data(collect_online_episodes(ws, ws.cascade is not None))
+                    ws.add_online_data(collect_online_episodes(ws, alignment_pass))
                     print(f"[{stage}] +{len(ws.online_data['rewards'])} online transitions in total")
                 train_loop(ws, stage, args.online_critic_steps, lambda: critic_update(ws), "critic_online")
             for method in methods:
                 stage = f"pass{alignment_pass}/{method}"
                 if stage in ws.results:
                     continue
-                if method == "cascade":
-                    if ws.cascade is None:
-                        ws.make_cascade()
-                else:
-                    if ws.policy is None:
-                        ws.make_policy()
-                    resuming = ws.stage == stage and ws.pending_align_optimizer is not None
-                    ws.align_optimizer = torch.optim.Adam(ws.trainable_policy_parameters(),
-                                                          lr=getattr(args, f"{method}_lr"))
-                    if resuming:
-                        ws.align_optimizer.load_state_dict(ws.pending_align_optimizer)
-                        ws.pending_align_optimizer = None
+                begin_alignment_stage(ws, method, stage)
                 train_loop(ws, stage, getattr(args, f"{method}_steps"), lambda: ALIGN_UPDATES[method](ws), method)
                 stats = evaluate_stage(ws, ws.current_model, ws.cascade is not None)
                 record_result(ws, stage, stats)

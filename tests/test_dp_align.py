@@ -247,6 +247,18 @@ def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path):
     assert list(stages) == ["foundation", "pass1/dpo", "pass1/sft", "pass2/dpo", "pass2/sft", "aligned"]
 
 
+def test_same_seed_gives_identical_numbers_and_a_non_finite_loss_stops_the_run(tmp_path):
+    args = ["--env", "nav1d-full", *TINY, "--align", "rl,sft"]
+    first, second = (run_script(tmp_path, *args, "--run-dir", str(tmp_path / name)) for name in ("a", "b"))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-3000:]
+    assert summary(tmp_path / "a")["stages"] == summary(tmp_path / "b")["stages"]
+
+    exploding = run_script(tmp_path, *args, "--run-dir", str(tmp_path / "nan"), "--foundation-lr", "1e30")
+    assert exploding.returncode == 1
+    assert "non-finite loss" in exploding.stderr and "'foundation'" in exploding.stderr
+    assert not (tmp_path / "nan" / "checkpoints" / "latest.pt").exists()  # nothing non-finite was ever saved
+
+
 def test_resume_without_a_checkpoint_exits_2(tmp_path):
     result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "empty"), "--resume")
     assert result.returncode == 2 and "no checkpoint" in result.stderr
