@@ -18,8 +18,6 @@ models are evaluated (stage 5) with DPM-Solver++ and best-of-`eval_candidates` s
 from __future__ import annotations
 
 import copy
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -30,11 +28,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import nav1d
 from common.data import evaluate, iql_rewards, load_offline_data, normalized_score, Normalizer
 from common.diffusion import Diffusion, VPSDE
 from common.nets import IDQLResidualMLP, TwinQ, ValueNet, count_parameters
 from common.runtime import (UserError, apply_presets, capture_rng, check_finite, cli, load_module_state,
-                            print_results_table, read_checkpoint_file, restore_rng, seed_everything, stage_stats,
+                            print_results_table, read_checkpoint_file, restore_rng, stage_stats,
                             start_run)
 
 SCRIPT = "eda_d4rl"
@@ -324,7 +323,6 @@ def main(args: Args) -> None:
     run = start_run(args, script=SCRIPT)
     device = run.device
     print(f"values from presets: {from_presets}" if from_presets else "no preset matched; using the defaults")
-    seed_everything(args.seed, args.torch_deterministic)
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     state = run.load_checkpoint() if args.resume else None
@@ -380,9 +378,12 @@ def main(args: Args) -> None:
         print(f"resuming stage {stage} at step {step}")
 
     def save(stage_name: str, stage_step: int, losses: dict[str, float] | None = None):
-        """Checkpoint everything; refuses (NonFiniteLossError) when the latest losses are not finite."""
+        """Checkpoint everything; refuses (NonFiniteLossError) when a loss or a weight is not finite."""
         for name, loss_value in (losses or {}).items():
             check_finite(loss_value, f"{stage_name} ({name})", stage_step)
+        for name, module in models.items():
+            weights_sum = sum(float(parameter.detach().sum()) for parameter in module.parameters())
+            check_finite(weights_sum, f"{stage_name} ({name} weights)", stage_step)
         return run.save_checkpoint({
             "stage": stage_name, "step": stage_step, "completed": completed, "candidates": candidates,
             "models": {name: module.state_dict() for name, module in models.items()},
@@ -390,12 +391,12 @@ def main(args: Args) -> None:
             "rng": capture_rng(), "elapsed_s": elapsed_before + time.perf_counter() - started,
             "normalizer": normalizer.state_dict()})
 
-    def stop_if_interrupted(stage_name: str, stage_step: int, losses=None):
-        if run.interrupted():
-            path = save(stage_name, stage_step, losses)
-            print(f"interrupted: checkpoint saved to {path}")
-            run.close()
-            raise SystemExit(130)
+    def save_and_exit(stage_name: str, stage_step: int, losses=None):
+        """After Ctrl-C: checkpoint, then exit with the conventional code 130."""
+        path = save(stage_name, stage_step, losses)
+        print(f"interrupted: checkpoint saved to {path}")
+        run.close()
+        raise SystemExit(130)
 
     def start_step(stage_name: str) -> int:
         return step if stage == stage_name else 0
@@ -421,8 +422,9 @@ def main(args: Args) -> None:
                 bar.set_postfix({name: f"{v:.4g}" for name, v in latest.items()})
                 yield done, latest
             if done % args.save_every == 0 and done < total_steps:
-                save(stage_name, done, latest)
-            stop_if_interrupted(stage_name, done, latest)
+                save(stage_name, done, {"losses since the last log": float(running.sum()), **latest})
+            if run.interrupted():
+                save_and_exit(stage_name, done, {"losses since the last log": float(running.sum())})
         bar.close()
         seconds = time.perf_counter() - timer_start
         completed.setdefault("throughput", {})[f"{stage_name}_steps_per_s"] = timed_steps / max(seconds, 1e-9)
@@ -506,7 +508,8 @@ def main(args: Args) -> None:
             candidates["done"], sampled = rows.stop, sampled + len(index)
             if batch_number % args.save_every == 0 and rows.stop < num_selected:
                 save("candidates", candidates["done"])
-            stop_if_interrupted("candidates", candidates["done"])
+            if run.interrupted():
+                save_and_exit("candidates", candidates["done"])
         if sampled:
             seconds = time.perf_counter() - timer_start
             completed.setdefault("throughput", {})["candidates_states_per_s"] = sampled / max(seconds, 1e-9)
@@ -576,13 +579,13 @@ def main(args: Args) -> None:
         print(f"{name:>16}: return {stats['return_mean']:.3f} +- {stats['return_std']:.3f}, "
               f"normalized score {stats['normalized_mean']:.1f} +- {stats['normalized_std']:.1f}")
         if data.family == "nav1d":
-            import nav1d
             coherency[name] = nav1d.policy_coherency(
                 data.name.split("-")[-1], np.concatenate([o[:len(a)] for o, a in zip(result.observations,
                                                                                     result.actions)]),
                 np.concatenate(result.actions))
         save("evaluation", index + 1)
-        stop_if_interrupted("evaluation", index + 1)
+        if run.interrupted():
+            save_and_exit("evaluation", index + 1)
 
     throughput = dict(completed.get("throughput", {}))
     throughput["action_latency_ms"] = throughput.get("aligned_action_latency_ms", float("nan"))

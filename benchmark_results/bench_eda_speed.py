@@ -28,6 +28,24 @@ from common.diffusion import Diffusion, VPSDE  # noqa: E402
 from common.nets import TwinQ, count_parameters  # noqa: E402
 
 STATE_DIM, ACTION_DIM = 11, 3  # hopper
+NOTES = """Notes
+- GFLOP/s counts only matrix multiplications (forward, backward and the backward of the input gradient), so the
+  elementwise work (SiLU and LayerNorm derivatives, Adam) is overhead by this measure.
+- The machine is shared (2 cores, several other jobs): every number here can move by tens of percent between runs;
+  compare rows of one run, not across runs. The peak is measured in the same run for that reason.
+- Overheads found and removed:
+  1. Double backward. eps = -sigma grad_a f makes the training loss a function of a gradient. With
+     autograd.grad(create_graph=True) the step cannot be compiled, and a profile of the eager step shows ~30% of the
+     time in elementwise multiplications of SiLU's second derivative. eda_d4rl.py takes the input gradient with
+     torch.func.grad instead (bit-identical losses and gradients), which torch.compile traces into one graph;
+     `--compile` compiles the training losses and fuses that elementwise work (rows "eager" -> "--compile").
+  2. Host syncs per step: the training loops sum losses on the device and read them back every `log_every` steps
+     (no effect on a CPU, one sync fewer per step on a GPU).
+  3. Unbatched sampling: candidates are drawn for `candidate_batch_size` states x K in one sampler call and
+     evaluation samples every active environment x `eval_candidates` in one call (rows "before" -> "after").
+  4. CPU threads: on a busy 2-core machine a small network with 2 torch threads ran ~20x slower than with 1
+     (Nav1D behavior step 167 ms vs 7.4 ms), hence `--cpu-threads` (1 in the Nav1D preset) and --threads 1 here.
+"""
 
 
 def synchronize(device):
@@ -189,7 +207,8 @@ def main():
     ]
     for name, rate, unit, flops_per_s in rows:
         lines.append(f"| {name} | {rate:.3g} | {unit} | {flops_per_s / 1e9:.1f} | {100 * flops_per_s / 1e9 / peak:.0f}% |")
-    lines += ["", f"Command: `python benchmark_results/bench_eda_speed.py {' '.join(sys.argv[1:])}`".rstrip()]
+    lines += ["", f"Command: `python benchmark_results/bench_eda_speed.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+              NOTES]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(options.out).write_text(text)

@@ -15,6 +15,7 @@ import torch
 import eda_d4rl
 from conftest import make_tiny_hopper_dataset
 from common.diffusion import Diffusion, VPSDE
+from common.runtime import UserError
 
 TINY_NAV1D = ["--behavior-steps", "30", "--critic-steps", "30", "--align-steps", "20", "--K", "4",
               "--eval-episodes", "3", "--sampler-steps", "4", "--log-every", "10", "--save-every", "10",
@@ -117,12 +118,17 @@ def test_data_ratio_subset_size(ratio, expected):
     assert indices.min() >= 0 and indices.max() < 8000
 
 
-@pytest.mark.parametrize("flag, value", [("--K", "1"), ("--beta", "0"), ("--data-ratio", "0"),
-                                         ("--data-ratio", "1.5")])
-def test_bad_arguments_exit_2_before_any_work(tmp_path, flag, value):
-    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "run"), flag, value)
+@pytest.mark.parametrize("field, value", [("K", 1), ("beta", 0.0), ("data_ratio", 0.0), ("data_ratio", 1.5),
+                                          ("eval_candidates", 0)])
+def test_bad_arguments_are_user_errors(field, value):
+    with pytest.raises(UserError, match=field.replace("_", "-")):
+        eda_d4rl.validate_args(eda_d4rl.Args(**{field: value}))
+
+
+def test_bad_argument_exits_2_with_one_line_before_any_work(tmp_path):
+    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "run"), "--K", "1")
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.strip().startswith("error: --K must be >= 2") and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 
@@ -215,3 +221,12 @@ def test_hopper_minari_smoke_run_prints_a_normalized_score(tmp_path):
     assert "normalized score" in result.stdout
     stages = stage_numbers(tmp_path / "hopper")
     assert np.isfinite(stages["aligned"]["normalized_mean"])
+
+
+def test_non_finite_loss_stops_naming_stage_and_step_without_saving(tmp_path):
+    run_dir = tmp_path / "diverging"
+    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(run_dir), *TINY_NAV1D,
+                        "--behavior-lr", "1e30")
+    assert result.returncode == 1
+    assert "non-finite loss" in result.stderr and "stage 'behavior" in result.stderr and "at step 10" in result.stderr
+    assert not (run_dir / "checkpoints" / "latest.pt").exists()
