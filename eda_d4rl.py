@@ -402,32 +402,35 @@ def main(args: Args) -> None:
         return step if stage == stage_name else 0
 
     def train_loop(stage_name, total_steps, train_step, loss_names):
-        """Shared loop: train_step() -> tuple of detached losses; logging, checks, checkpoints, Ctrl-C."""
+        """Shared loop around train_step() -> tuple of detached scalars (losses, then "charts/" metrics): logging,
+        finiteness checks, checkpoints, Ctrl-C. Yields the number of steps done after every step."""
         first = start_step(stage_name)
         running, running_steps = torch.zeros(len(loss_names), device=device), 0
         latest = {name: 0.0 for name in loss_names}
         bar = tqdm(range(first, total_steps), desc=stage_name, initial=first, total=total_steps,
                    dynamic_ncols=True, mininterval=1.0)
-        timer_start, timed_steps = time.perf_counter(), 0
+        timer_start = log_start = time.perf_counter()
         for i in bar:
             running += torch.stack(train_step())  # summed on the device: no host sync per step
-            running_steps, timed_steps, done = running_steps + 1, timed_steps + 1, i + 1
+            running_steps, done = running_steps + 1, i + 1
             if done % args.log_every == 0 or done == total_steps:
                 latest = dict(zip(loss_names, (running / running_steps).tolist()))
-                running.zero_()
-                running_steps = 0
                 for name, loss_value in latest.items():
                     check_finite(loss_value, f"{stage_name} ({name})", done)
-                    run.writer.add_scalar(f"losses/{name}", loss_value, done)
-                bar.set_postfix({name: f"{v:.4g}" for name, v in latest.items()})
-                yield done, latest
+                    run.writer.add_scalar(name if "/" in name else f"losses/{name}", loss_value, done)
+                run.writer.add_scalar(f"charts/{stage_name}_steps_per_s",
+                                      running_steps / (time.perf_counter() - log_start), done)
+                bar.set_postfix({name.split("/")[-1]: f"{v:.4g}" for name, v in latest.items()})
+                running.zero_()
+                running_steps, log_start = 0, time.perf_counter()
+            yield done
             if done % args.save_every == 0 and done < total_steps:
                 save(stage_name, done, {"losses since the last log": float(running.sum()), **latest})
             if run.interrupted():
                 save_and_exit(stage_name, done, {"losses since the last log": float(running.sum())})
         bar.close()
         seconds = time.perf_counter() - timer_start
-        completed.setdefault("throughput", {})[f"{stage_name}_steps_per_s"] = timed_steps / max(seconds, 1e-9)
+        completed.setdefault("throughput", {})[f"{stage_name}_steps_per_s"] = (total_steps - first) / max(seconds, 1e-9)
 
     # ============================================================================================================
     # Stage 1: behavior pretraining (denoising score matching through grad_a f; dropout on)
@@ -548,7 +551,7 @@ def main(args: Args) -> None:
             optimizers["policy"].step()
             return loss.detach(), accuracy.detach()
 
-        for done, _ in train_loop("alignment", args.align_steps, alignment_step, ["alignment", "align_accuracy"]):
+        for done in train_loop("alignment", args.align_steps, alignment_step, ["alignment", "charts/align_accuracy"]):
             if args.eval_every and done % args.eval_every == 0 and done < args.align_steps:
                 stats, _, _ = evaluate_model(policy, args.eval_candidates)
                 run.writer.add_scalar("eval/aligned_return", stats["return_mean"], done)
