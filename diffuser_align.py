@@ -133,7 +133,7 @@ class Args:
     """LoRA scale numerator (update scaled by alpha / rank)"""
     align_lr: float = 1e-4
     """Adam learning rate of the rl and qvpg methods"""
-    dpo_lr: float = 1e-5
+    dpo_lr: float = 3e-5
     """Adam learning rate of the dpo method"""
     sft_lr: float = 1e-5
     """Adam learning rate of the sft method"""
