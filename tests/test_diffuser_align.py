@@ -329,6 +329,13 @@ def test_rl_with_a_deterministic_sampler_exits_with_a_one_line_error(tmp_path):
     assert not (tmp_path / "bad").exists()  # rejected before any work
 
 
+def test_non_finite_loss_stops_the_run_naming_stage_and_step(tmp_path):
+    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "nan"), *TINY,
+                        "--foundation-lr", "1e30")
+    assert result.returncode == 1
+    assert "non-finite loss" in result.stderr and "'foundation' at step" in result.stderr
+
+
 def test_interrupted_run_resumes_to_the_same_numbers(tmp_path):
     argv = ["--env", "nav1d-full", *TINY, "--foundation-steps", "400", "--save-every", "10", "--align", "rl,dpo"]
     reference = run_script(tmp_path, "--run-dir", str(tmp_path / "straight"), *argv)
@@ -355,6 +362,16 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path):
 
     finished = run_script(tmp_path, "--run-dir", str(run_dir), "--resume", *argv)  # nothing left: skips every stage
     assert finished.returncode == 0 and summary_of(run_dir)["stages"] == straight["stages"]
+
+    checkpoint = str(tmp_path / "straight" / "checkpoints" / "latest.pt")
+    reused = run_script(tmp_path, "--run-dir", str(tmp_path / "reused"), *argv, "--load-foundation", checkpoint,
+                        "--load-critic", checkpoint, "--align", "dpo")
+    assert reused.returncode == 0, reused.stderr[-3000:]
+    assert "loaded foundation from" in reused.stdout and "loaded critic from" in reused.stdout
+    assert "foundation:" not in reused.stderr  # no foundation training progress bar
+    wrong_size = run_script(tmp_path, "--run-dir", str(tmp_path / "wrong"), *argv, "--unet-base-dim", "16",
+                            "--load-foundation", checkpoint)
+    assert wrong_size.returncode == 2 and "does not fit" in wrong_size.stderr
 
 
 def test_hopper_minari_dataset_runs_end_to_end_with_horizon_32(tmp_path):
