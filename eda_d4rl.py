@@ -316,10 +316,16 @@ def main(args: Args) -> None:
     validate_args(args)
     loaded_behavior = read_checkpoint_file(args.load_behavior, script=SCRIPT) if args.load_behavior else None
     loaded_critic = read_checkpoint_file(args.load_critic, script=SCRIPT) if args.load_critic else None
-    for name, loaded in (("behavior", loaded_behavior), ("critic", loaded_critic)):
-        if loaded is not None and name not in loaded.get("completed", {}):
-            raise UserError(f"--load-{name}: that checkpoint has not finished its {name} stage")
     data = load_offline_data(args.env)
+    normalizer = Normalizer.from_array(data.observations)
+    for name, loaded in (("behavior", loaded_behavior), ("critic", loaded_critic)):
+        if loaded is None:
+            continue
+        if name not in loaded["completed"]:
+            raise UserError(f"--load-{name}: that checkpoint has not finished its {name} stage")
+        if not all(torch.equal(loaded["normalizer"][key], torch.as_tensor(getattr(normalizer, key)))
+                   for key in ("mean", "std")):
+            raise UserError(f"--load-{name}: that run was trained on other data (its observation statistics differ)")
     run = start_run(args, script=SCRIPT)
     device = run.device
     print(f"values from presets: {from_presets}" if from_presets else "no preset matched; using the defaults")
@@ -330,7 +336,6 @@ def main(args: Args) -> None:
         raise UserError(f"--resume: no checkpoint in {run.run_dir}")
 
     # ---- data: tensors on the device, states normalised (the same normaliser is used at evaluation) ----
-    normalizer = Normalizer.from_array(data.observations)
     def as_tensor(array):
         return torch.as_tensor(np.asarray(array, dtype=np.float32), device=device)
     observations = as_tensor(normalizer.normalize(data.observations))

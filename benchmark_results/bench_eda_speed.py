@@ -53,8 +53,9 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def seconds_per_call(function, device, repeats: int, warmup: int = 2, fastest: bool = False) -> float:
-    """Median (or fastest) wall time of `function()` after warm-up calls."""
+def seconds_per_call(function, device, repeats: int, warmup: int = 2) -> float:
+    """Fastest wall time of `function()` over `repeats` calls after warm-up calls: on a shared machine the fastest
+    call is the one least disturbed by other jobs (the same statistic for the matmul peak and for every loop)."""
     for _ in range(warmup):
         function()
     synchronize(device)
@@ -64,7 +65,7 @@ def seconds_per_call(function, device, repeats: int, warmup: int = 2, fastest: b
         function()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return min(times) if fastest else sorted(times)[len(times) // 2]
+    return min(times)
 
 
 class MatmulFlops(TorchDispatchMode):
@@ -93,7 +94,7 @@ def counted_flops(function) -> int:
 def matmul_peak(device, size: int, repeats: int) -> float:
     """fp32 GFLOP/s of a square matmul: the ceiling the training steps are compared with."""
     left, right = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    seconds = seconds_per_call(lambda: left @ right, device, max(repeats, 5), fastest=True)
+    seconds = seconds_per_call(lambda: left @ right, device, max(repeats, 5))
     return 2 * size**3 / seconds / 1e9
 
 

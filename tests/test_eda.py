@@ -207,6 +207,10 @@ def test_load_behavior_and_critic_from_another_run(tmp_path):
     wrong_shape = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "bad"), *TINY_NAV1D,
                              "--hidden", "24", "--load-behavior", str(checkpoint))
     assert wrong_shape.returncode == 2 and "does not fit" in wrong_shape.stderr
+    other_data = run_script(tmp_path, "--env", "nav1d-expert", "--run-dir", str(tmp_path / "other"), *TINY_NAV1D,
+                            "--load-critic", str(checkpoint))
+    assert other_data.returncode == 2 and "trained on other data" in other_data.stderr
+    assert not (tmp_path / "other").exists()
 
 
 def test_hopper_minari_smoke_run_prints_a_normalized_score(tmp_path):
