@@ -8,8 +8,9 @@ To observations, with any sampler of `common.diffusion` (ddpm, ddim, sm, fm). An
 data. The reward of a generated chunk for state s is Q(s, a_first). Alignment then fine-tunes one set of LoRA adapters
 (or the whole network) with any sequence of methods, repeated for several passes:
 `rl` treats denoising as a multi-step MDP (REINFORCE or PPO-clip over the Gaussian sampler steps), `qvpg`
-back-propagates -Q through the last K denoising steps, `dpo` is Diffusion-DPO on Q-ranked pairs against the frozen
-reference, `sft` fine-tunes on the best samples that the reference still finds likely, and `cascade` trains a second,
+back-propagates -Q through the last K denoising steps, `dpo` is Diffusion-DPO on Q-ranked pairs against a frozen
+reference (the model as the DPO stage found it), `sft` fine-tunes on the best samples that the frozen foundation
+still finds likely, and `cascade` trains a second,
 zero-initialised conditional model that turns a sample into a better one and is applied once at inference.
 Actions are chosen among N candidates by their mean (`expectation`), by an IDQL softmax over Q - V, or greedily.
 The foundation, every method of every pass, and the final model are evaluated; Nav1D also reports coherency.
@@ -271,29 +272,26 @@ def validate(args: Args) -> list[str]:
         raise UserError(f"unknown --sampler '{args.sampler}'; choose one of {', '.join(DP_SAMPLERS)}")
     deterministic = args.sampler == "fm" or (args.sampler == "ddim" and args.eta == 0)
     if "rl" in methods and deterministic:
-        raise UserError(f"--align rl needs a stochastic sampler but '{args.sampler}' (eta={args.eta}) is deterministic; "
-                        "use --align qvpg, or --sampler ddim --eta 0.5 (or ddpm/sm)")
+        raise UserError(f"--align rl needs a stochastic sampler but '{args.sampler}' (eta={args.eta}) is "
+                        "deterministic; use --align qvpg, or --sampler ddim --eta 0.5 (or ddpm/sm)")
     choices = dict(backbone=("dit", "mlp"), selection=("expectation", "idql", "greedy"), rl_algo=("ppo", "reinforce"),
                    credit=("uniform", "decay", "similarity"), sft_source=("current", "reference", "both"),
-                   dpo_source=("current", "reference"),
-                   prediction=("", "eps", "x0", "velocity"))
+                   dpo_source=("current", "reference"), prediction=("", "eps", "x0", "velocity"))
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
             raise UserError(f"--{name.replace('_', '-')} must be one of {allowed}, got '{getattr(args, name)}'")
     positive = ("obs_horizon", "pred_horizon", "action_horizon", "sample_steps", "train_steps", "batch_size",
-                "num_candidates", "passes", "align_batch", "epochs_per_batch", "dpo_noise_draws", "save_every", "log_every", "sft_elbo_draws", "hidden",
-                "depth", "heads", "critic_hidden")
+                "num_candidates", "passes", "align_batch", "epochs_per_batch", "dpo_noise_draws", "save_every",
+                "log_every", "sft_elbo_draws", "hidden", "depth", "heads", "critic_hidden", "eval_episodes")
     for name in positive:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     non_negative = ("foundation_steps", "critic_steps", "rl_steps", "qvpg_steps", "dpo_steps", "sft_steps",
-                    "cascade_steps", "online_episodes", "online_critic_steps", "eval_every", "eval_episodes",
-                    "lora_rank", "kl_coef", "entropy_coef", "eval_max_steps")
+                    "cascade_steps", "online_episodes", "online_critic_steps", "eval_every", "lora_rank", "kl_coef",
+                    "entropy_coef", "eval_max_steps")
     for name in non_negative:
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.eval_episodes < 1:
-        raise UserError("--eval-episodes must be >= 1")
     if args.action_horizon > args.pred_horizon:
         raise UserError(f"--action-horizon ({args.action_horizon}) cannot exceed --pred-horizon ({args.pred_horizon})")
     if args.group_size < 2:
@@ -1197,6 +1195,7 @@ def main(args: Args) -> None:
 
         # ---- Stage 4: final evaluation -------------------------------------------------------------------------
         # The last method's evaluation is already the final model (policy + cascade when trained).
+        ws.results.pop("aligned", None)  # a resumed run with more passes: the final entry goes last again
         ws.results["aligned"] = dict(ws.results[f"pass{args.passes}/{methods[-1]}"]) if methods else \
             dict(ws.results["foundation"])
         ws.save("done", 0)

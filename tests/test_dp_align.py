@@ -165,19 +165,32 @@ def test_group_advantages_are_standardised_per_state():
 # ----------------------------------------------------------------------------------------------------------------
 # Argument errors: exit code 2, one line
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("extra,needle", [
-    (["--sampler", "fm", "--align", "rl"], "qvpg"),
-    (["--sampler", "ddim", "--align", "dpo,rl"], "--eta"),
-    (["--align", "rl,magic"], "unknown alignment method"),
-    (["--sampler", "euler"], "unknown --sampler"),
-    (["--qvpg-k", "99"], "--qvpg-k"),
-])
-def test_bad_arguments_exit_2_with_one_line(tmp_path, extra, needle):
-    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "run"), *extra)
+def test_deterministic_sampler_with_rl_exits_2_with_one_line_before_any_work(tmp_path):
+    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "run"), "--sampler", "fm",
+                        "--align", "qvpg,rl")
     assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and needle in result.stderr
+    assert result.stderr.startswith("error: ") and "qvpg" in result.stderr and "--eta" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "run").exists()  # validated before any work
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fields,needle", [
+    (dict(sampler="ddim", align="dpo,rl"), "--eta"),
+    (dict(sampler="ddim", eta=0.5, align="rl"), None),
+    (dict(align="rl,magic"), "unknown alignment method"),
+    (dict(sampler="euler"), "unknown --sampler"),
+    (dict(qvpg_k=99), "--qvpg-k"),
+    (dict(sft_quantile=0.0), "--sft-quantile"),
+    (dict(group_size=1), "--group-size"),
+    (dict(action_horizon=4, pred_horizon=2), "--action-horizon"),
+])
+def test_argument_validation(fields, needle):
+    args = dp_align.Args(**fields)
+    if needle is None:
+        assert dp_align.validate(args) == ["rl"]
+    else:
+        with pytest.raises(dp_align.UserError, match=needle):
+            dp_align.validate(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,7 +261,7 @@ def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path):
 
 
 def test_same_seed_gives_identical_numbers_and_a_non_finite_loss_stops_the_run(tmp_path):
-    args = ["--env", "nav1d-full", *TINY, "--align", "rl,sft"]
+    args = ["--env", "nav1d-full", *TINY, "--align", "rl"]
     first, second = (run_script(tmp_path, *args, "--run-dir", str(tmp_path / name)) for name in ("a", "b"))
     assert first.returncode == 0 and second.returncode == 0, first.stderr[-3000:]
     assert summary(tmp_path / "a")["stages"] == summary(tmp_path / "b")["stages"]
