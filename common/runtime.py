@@ -136,14 +136,20 @@ def args_to_dict(args: Any) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temporary file in the same folder and rename, so a crash never leaves a half file."""
+def atomic_write_bytes(path: Path, write: Callable[[Any], None], keep_previous: Path | None = None) -> None:
+    """Write through a temporary file in the same folder and rename, so a crash never leaves a half file.
+
+    With `keep_previous`, the old file is moved there only once the new one is complete on disk; a crash between the
+    two renames leaves `keep_previous` intact, which is where `Run.load_checkpoint` looks next.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as handle:
         write(handle)
         handle.flush()
         os.fsync(handle.fileno())
+    if keep_previous is not None and path.exists():
+        os.replace(path, keep_previous)
     os.replace(tmp, path)
 
 
@@ -217,9 +223,7 @@ class Run:
     def save_checkpoint(self, state: dict) -> Path:
         """Write latest.pt atomically, keeping the one before it as previous.pt."""
         payload = dict(state, format=CHECKPOINT_FORMAT, script=self.script, args=args_to_dict(self.args))
-        if self.latest.exists():
-            os.replace(self.latest, self.previous)
-        atomic_write_bytes(self.latest, lambda handle: torch.save(payload, handle))
+        atomic_write_bytes(self.latest, lambda handle: torch.save(payload, handle), keep_previous=self.previous)
         return self.latest
 
     def load_checkpoint(self) -> dict | None:

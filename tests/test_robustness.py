@@ -1,0 +1,201 @@
+"""DESIGN 2.4 for every script: crashes lose at most `save_every` steps, damaged checkpoints are detected, foreign
+checkpoints are refused, and bad input exits with code 2 and one line (no traceback).
+
+Each script's own test file covers its Ctrl-C path, its non-finite-loss stop and same-seed determinism; this file
+checks the contracts that all scripts share, the same way for each.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from test_diffuser_align import TINY as TINY_DIFFUSER
+from test_dp_align import TINY as TINY_DP
+from test_eda import TINY_NAV1D as TINY_EDA
+
+# For each script: tiny Nav1D arguments, and the three stages a SIGKILL lands in with the flag that sizes each one.
+SCRIPTS = {
+    "eda_d4rl": (TINY_EDA, [("behavior", "--behavior-steps"), ("critic", "--critic-steps"),
+                            ("alignment", "--align-steps")]),
+    "dp_align": ([*TINY_DP, "--align", "dpo"], [("foundation", "--foundation-steps"), ("critic", "--critic-steps"),
+                                                ("dpo", "--dpo-steps")]),
+    "diffuser_align": ([*TINY_DIFFUSER, "--align", "dpo"], [("foundation", "--foundation-steps"),
+                                                            ("critic", "--critic-steps"), ("dpo", "--dpo-steps")]),
+}
+STAGE_STEPS = 60
+SAVE_EVERY = 10
+
+
+def script_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run(script: str, *argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"{script}.py", *argv], cwd=REPO_ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_checkpoint(path: Path) -> dict | None:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # not written yet, or replaced while we read it
+        return None
+
+
+def kill_inside_stage(command: list[str], run_dir: Path, stage: str) -> int:
+    """Start `command`, SIGKILL it once a checkpoint inside `stage` exists; returns the checkpoint's step."""
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=script_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    latest = run_dir / "checkpoints" / "latest.pt"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"the run ended before a checkpoint inside '{stage}': {process.stderr.read()[-2000:]}")
+            state = read_checkpoint(latest) if latest.exists() else None
+            # two saves inside the stage, so that a previous checkpoint exists to fall back on
+            if state is not None and stage in str(state["stage"]) and state["step"] >= 2 * SAVE_EVERY:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return state["step"]
+            time.sleep(0.05)
+        pytest.fail(f"no checkpoint inside '{stage}' within 300 s")
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def numbers(summary_path: Path) -> dict:
+    import json
+
+    return json.loads(summary_path.read_text())["stages"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sigkill_in_every_stage_then_resume_matches_an_uninterrupted_run(tmp_path, script):
+    tiny, stages = SCRIPTS[script]
+    argv = ["--env", "nav1d-full", *tiny, "--save-every", str(SAVE_EVERY)]
+    for _, flag in stages:
+        argv += [flag, str(STAGE_STEPS)]
+    reference = run(script, *argv, "--run-dir", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tmp_path / "crashed"
+    command = [sys.executable, f"{script}.py", *argv, "--run-dir", str(run_dir)]
+    for index, (stage, _) in enumerate(stages):
+        step = kill_inside_stage(command + (["--resume"] if index else []), run_dir, stage)
+        assert 2 * SAVE_EVERY <= step < STAGE_STEPS
+        if index == 0:  # a crash can also leave a damaged file: the previous checkpoint must be used
+            checkpoints = run_dir / "checkpoints"
+            source = checkpoints / ("latest.pt" if (checkpoints / "latest.pt").exists() else "previous.pt")
+            (checkpoints / "latest.pt").write_bytes(source.read_bytes()[:1000])
+    resumed = subprocess.run(command + ["--resume"], cwd=REPO_ROOT, env=script_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(rf"resuming.*{stages[-1][0]}", resumed.stdout + resumed.stderr), resumed.stdout[-2000:]
+    assert numbers(run_dir / "summary.json") == numbers(tmp_path / "reference" / "summary.json")
+
+
+def test_truncated_checkpoint_without_a_previous_one_is_a_clear_error(tmp_path):
+    tiny, _ = SCRIPTS["eda_d4rl"]
+    run_dir = tmp_path / "run"
+    result = run("eda_d4rl", "--env", "nav1d-full", *tiny, "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "previous.pt").unlink(missing_ok=True)
+    (checkpoints / "latest.pt").write_bytes((checkpoints / "latest.pt").read_bytes()[:500])
+    resumed = run("eda_d4rl", "--env", "nav1d-full", *tiny, "--run-dir", str(run_dir), "--resume")
+    assert resumed.returncode == 2
+    assert "corrupt or truncated" in resumed.stderr and "Traceback" not in resumed.stderr
+
+
+def test_checkpoints_of_another_script_are_refused(tmp_path):
+    tiny, _ = SCRIPTS["eda_d4rl"]
+    eda_run = tmp_path / "eda"
+    assert run("eda_d4rl", "--env", "nav1d-full", *tiny, "--run-dir", str(eda_run)).returncode == 0
+    for script in ("dp_align", "diffuser_align"):
+        result = run(script, "--env", "nav1d-full", *SCRIPTS[script][0], "--run-dir", str(eda_run), "--resume")
+        assert result.returncode == 2, (script, result.stderr[-2000:])
+        assert "eda_d4rl.py" in result.stderr and "Traceback" not in result.stderr
+        result = run(script, "--env", "nav1d-full", *SCRIPTS[script][0], "--run-dir", str(tmp_path / script),
+                     "--load-critic", str(eda_run / "checkpoints" / "latest.pt"))
+        assert result.returncode == 2, (script, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: exit code 2, one line on stderr, no traceback, before any work
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def broken_d4rl_files(tmp_path_factory):
+    """A truncated HDF5 file and one with NaN rewards, under D4RL names."""
+    folder = tmp_path_factory.mktemp("d4rl")
+    with h5py.File(folder / "hopper_medium-v2.hdf5", "w") as handle:
+        size = 50
+        handle["observations"] = np.zeros((size, 11), np.float32)
+        handle["actions"] = np.zeros((size, 3), np.float32)
+        rewards = np.ones(size, np.float32)
+        rewards[7] = np.nan
+        handle["rewards"] = rewards
+        handle["terminals"] = np.zeros(size, bool)
+        handle["timeouts"] = np.arange(size) % 25 == 24
+    (folder / "walker2d_medium-v2.hdf5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
+    return folder
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+BAD_INPUT = {
+    "unknown env": (["--env", "no-such-dataset-v9"], ["no-such-dataset-v9"]),
+    "dataset not on disk": (["--env", "halfcheetah-medium-v2"], ["halfcheetah-medium-v2"]),
+    "truncated dataset file": (["--env", "walker2d-medium-v2"], ["walker2d"]),
+    "NaN rewards": (["--env", "hopper-medium-v2"], ["non-finite"]),
+    "resume with nothing": (["--env", "nav1d-full", "--resume"], ["--resume"]),
+}
+PER_SCRIPT_BAD_INPUT = {
+    "eda_d4rl": {"K < 2": ["--K", "1"], "beta <= 0": ["--beta", "0"], "data_ratio > 1": ["--data-ratio", "1.5"],
+                 "data_ratio = 0": ["--data-ratio", "0"]},
+    "dp_align": {"unknown method": ["--align", "rl,ppo2"], "deterministic sampler with rl":
+                 ["--sampler", "ddim", "--align", "rl"]},
+    "diffuser_align": {"unknown method": ["--align", "rl,ppo2"], "horizon not a power of two": ["--horizon", "12"],
+                       "deterministic sampler with rl": ["--sampler", "fm", "--align", "rl"]},
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_dataset_and_resume_input_exits_2_with_one_line(tmp_path, monkeypatch, broken_d4rl_files, script, case):
+    argv, fragments = BAD_INPUT[case]
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(broken_d4rl_files))
+    result = run(script, *argv, "--run-dir", str(tmp_path / "run"), timeout=120)
+    assert_one_line_error(result, *fragments)
+
+
+@pytest.mark.parametrize("script, case", [(s, c) for s, cases in PER_SCRIPT_BAD_INPUT.items() for c in cases])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, script, case):
+    result = run(script, "--env", "nav1d-full", *PER_SCRIPT_BAD_INPUT[script][case], "--run-dir",
+                 str(tmp_path / "run"), timeout=120)
+    assert_one_line_error(result)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("script, flag", [("dp_align", "--sampler"), ("diffuser_align", "--sampler"),
+                                          ("diffuser_align", "--planner")])
+def test_unknown_sampler_or_planner_is_refused(tmp_path, script, flag):
+    result = run(script, "--env", "nav1d-full", flag, "nope", "--run-dir", str(tmp_path / "run"), timeout=120)
+    assert result.returncode == 2 and "nope" in result.stderr
