@@ -1,0 +1,259 @@
+"""Reproduce the Nav1D tables and figures of benchmark_results/ from the scripts' summary.json files.
+
+    python benchmark_results/nav1d_tables.py --tables planners policies methods --seeds 0 1 2 --jobs 2
+
+Tables (markdown, written next to this file):
+- nav1d_planners.md : paper Table 2 on Nav1D (Diffuser ddpm/ddim/sm/fm, DD ddpm x partial/full/expert)
+- nav1d_policies.md : paper Table 3 on Nav1D (DP expectation / idql x partial/full/expert)
+- nav1d_methods.md  : EDA and every alignment method alone, and rl,dpo,sft with 1-3 passes, all methods from the
+                      same DP foundation and critic (one base run per dataset and seed, loaded by the others)
+Figures (PNG): nav1d_task.png, nav1d_learning_curves.png (return after every method of every pass, +-1 std over seeds,
+foundation level dashed), nav1d_coherency_passes.png, eda_data_ratio.png (EDA's return against the Q-labelled fraction).
+
+Runs go to --out (default runs/benchmark, not committed); finished runs are reused, so the command can be
+interrupted and started again. Each table names the command and commit that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark_results.runner import Job, git_commit, markdown_table, mean_std, run_jobs  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DATASETS = ("partial", "full", "expert")
+# Paper numbers, before -> after (Huh & Mohapatra, Tables 2 and 3; their Nav1D, not ours: compare trend and scale).
+PAPER_PLANNERS = {
+    ("diffuser", "ddpm"): {"partial": "2.1 → 4.3", "full": "3.2 → 6.9", "expert": "6.2 → 7.3"},
+    ("diffuser", "ddim"): {"partial": "1.9 → 3.3", "full": "4.3 → 7.3", "expert": "5.9 → 7.2"},
+    ("diffuser", "sm"): {"partial": "2.5 → 4.1", "full": "2.9 → 6.9", "expert": "5.9 → 7.2"},
+    ("diffuser", "fm"): {"partial": "2.3 → 5.2", "full": "3.9 → 6.8", "expert": "6.4 → 7.1"},
+    ("dd", "ddpm"): {"partial": "2.0 → 3.9", "full": "3.3 → 6.9", "expert": "6.2 → 7.2"},
+}
+PAPER_POLICIES = {
+    "expectation": {"partial": "1.10 → 3.91", "full": "1.32 → 5.98", "expert": "5.43 → 5.80"},
+    "idql": {"partial": "2.69 → 4.42", "full": "4.61 → 6.24", "expert": "6.89 → 7.06"},
+}
+SINGLE_METHODS = ("rl", "qvpg", "dpo", "sft", "cascade")
+DATA_RATIOS = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def align_sequence(sampler: str) -> str:
+    """Deterministic samplers have no step likelihood: their RL step is the truncated value gradient."""
+    return "qvpg,dpo,sft" if sampler in ("ddim", "fm") else "rl,dpo,sft"
+
+
+def planner_jobs(out: Path, seeds) -> list[Job]:
+    return [Job("diffuser_align", ["--env", f"nav1d-{data}", "--planner", planner, "--sampler", sampler,
+                                   "--align", align_sequence(sampler)], seed,
+                out / f"planner_{planner}_{sampler}_{data}_s{seed}", {"planner": planner, "sampler": sampler, "data": data})
+            for (planner, sampler) in PAPER_PLANNERS for data in DATASETS for seed in seeds]
+
+
+def policy_jobs(out: Path, seeds) -> list[Job]:
+    return [Job("dp_align", ["--env", f"nav1d-{data}", "--selection", selection, "--align", "rl,dpo,sft"], seed,
+                out / f"policy_{selection}_{data}_s{seed}", {"selection": selection, "data": data})
+            for selection in PAPER_POLICIES for data in DATASETS for seed in seeds]
+
+
+def method_jobs(out: Path, seeds) -> tuple[list[Job], list[Job]]:
+    """First the base runs (foundation, critic, rl,dpo,sft x1), then every variant loading the base's models."""
+    base, variants = [], []
+    for data in DATASETS:
+        for seed in seeds:
+            base_job = Job("dp_align", ["--env", f"nav1d-{data}", "--align", "rl,dpo,sft"], seed,
+                           out / f"method_base_{data}_s{seed}", {"method": "rl,dpo,sft x1", "data": data})
+            base.append(base_job)
+            checkpoint = str(base_job.run_dir / "checkpoints" / "latest.pt")
+            shared = ["--env", f"nav1d-{data}", "--load-foundation", checkpoint, "--load-critic", checkpoint]
+            for method in SINGLE_METHODS:
+                variants.append(Job("dp_align", [*shared, "--align", method], seed,
+                                    out / f"method_{method}_{data}_s{seed}", {"method": method, "data": data}))
+            for passes in (2, 3):
+                variants.append(Job("dp_align", [*shared, "--align", "rl,dpo,sft", "--passes", str(passes)], seed,
+                                    out / f"method_seq{passes}_{data}_s{seed}",
+                                    {"method": f"rl,dpo,sft x{passes}", "data": data}))
+            variants.append(Job("eda_d4rl", ["--env", f"nav1d-{data}"], seed, out / f"method_eda_{data}_s{seed}",
+                                {"method": "EDA", "data": data}))
+    return base, variants
+
+
+def eda_ratio_jobs(out: Path, seeds) -> list[Job]:
+    return [Job("eda_d4rl", ["--env", "nav1d-full", "--data-ratio", str(ratio)], seed,
+                out / f"eda_ratio{ratio}_s{seed}", {"ratio": ratio}) for ratio in DATA_RATIOS for seed in seeds]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------------
+def first_and_last(summary: dict) -> tuple[dict, dict]:
+    stages = summary["stages"]
+    before = stages.get("foundation", stages.get("behavior"))
+    return before, stages["aligned"]
+
+
+def before_after(jobs: list[Job]) -> tuple[str, str, str, str]:
+    """'before → after' mean over seeds, the after-return std (mean of per-seed stds), coherency before → after, n."""
+    summaries = [job.summary() for job in jobs if job.summary() is not None]
+    if not summaries:
+        return "—", "—", "—", "0"
+    pairs = [first_and_last(summary) for summary in summaries]
+    before = [b["return_mean"] for b, _ in pairs]
+    after = [a["return_mean"] for _, a in pairs]
+    spread = [f"{np.mean([b['return_std'] for b, _ in pairs]):.2f} → {np.mean([a['return_std'] for _, a in pairs]):.2f}"]
+    coherency = [(b.get("coherency"), a.get("coherency")) for b, a in pairs]
+    coherency_text = "—"
+    if all(c is not None for pair in coherency for c in pair):
+        coherency_text = f"{np.mean([c[0] for c in coherency]):.2f} → {np.mean([c[1] for c in coherency]):.2f}"
+    return f"{mean_std(before)} → {mean_std(after)}", spread[0], coherency_text, str(len(summaries))
+
+
+def header_lines(title: str, command: str, jobs: list[Job]) -> list[str]:
+    devices = sorted({job.summary()["device"] for job in jobs if job.summary() is not None}) or ["—"]
+    return [f"# {title}", "", f"Command: `{command}`  ", f"Commit: `{git_commit()}`  ", f"Device: {', '.join(devices)}",
+            "", "Returns are mean ± std over seeds of the per-seed mean evaluation return (Nav1D returns lie in [0, 8];",
+            "exact optimum 7.23, uniform-random actions 1.40). 'episode std' is the spread of returns over evaluation",
+            "episodes (mean over seeds), before → after. Paper numbers are for the paper's own Nav1D.", ""]
+
+
+def planners_table(jobs: list[Job], command: str) -> str:
+    rows = []
+    for planner, sampler in PAPER_PLANNERS:
+        for data in DATASETS:
+            group = [j for j in jobs if (j.tags["planner"], j.tags["sampler"], j.tags["data"]) == (planner, sampler, data)]
+            ours, spread, coherency, n = before_after(group)
+            rows.append([f"{'Diffuser' if planner == 'diffuser' else 'DD'} {sampler}", data, ours, spread, coherency,
+                         n, PAPER_PLANNERS[(planner, sampler)][data]])
+    header = ["planner", "dataset", "return before → after (ours)", "episode std", "plan coherency", "seeds", "paper"]
+    return "\n".join(header_lines("Nav1D, planning-based DMC (paper Table 2)", command, jobs)
+                     + [markdown_table(header, rows)]) + "\n"
+
+
+def policies_table(jobs: list[Job], command: str) -> str:
+    rows = []
+    for selection in PAPER_POLICIES:
+        for data in DATASETS:
+            group = [j for j in jobs if (j.tags["selection"], j.tags["data"]) == (selection, data)]
+            ours, spread, coherency, n = before_after(group)
+            rows.append([f"DP {selection}", data, ours, spread, coherency, n, PAPER_POLICIES[selection][data]])
+    header = ["policy", "dataset", "return before → after (ours)", "episode std", "policy coherency", "seeds", "paper"]
+    return "\n".join(header_lines("Nav1D, policy-based DMC (paper Table 3)", command, jobs)
+                     + [markdown_table(header, rows)]) + "\n"
+
+
+def methods_table(jobs: list[Job], command: str) -> str:
+    rows = []
+    for method in ["EDA", *SINGLE_METHODS, "rl,dpo,sft x1", "rl,dpo,sft x2", "rl,dpo,sft x3"]:
+        for data in DATASETS:
+            group = [j for j in jobs if (j.tags["method"], j.tags["data"]) == (method, data)]
+            summaries = [j.summary() for j in group if j.summary() is not None]
+            ours, _, coherency, n = before_after(group)
+            normalized = mean_std([first_and_last(s)[1]["normalized_mean"] for s in summaries], 1)
+            wall = mean_std([s["wall_time_s"] for s in summaries], 0)
+            rows.append([method, data, ours, normalized, coherency, wall, n])
+    header = ["method", "dataset", "return before → after", "normalised after", "coherency", "wall time (s)", "seeds"]
+    notes = ["All DP rows share one foundation and one critic per dataset and seed (the `rl,dpo,sft x1` run); EDA",
+             "trains its own behavior model and critic (its method needs the scalar-energy behavior model).", ""]
+    return "\n".join(header_lines("Nav1D: EDA against each alignment method alone", command, jobs) + notes
+                     + [markdown_table(header, rows)]) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------------------------
+def stage_curve(summaries: list[dict], key: str) -> tuple[list[str], np.ndarray]:
+    """Stages in run order and a (seeds, stages) array of `key`."""
+    names = [name for name in summaries[0]["stages"] if name != "aligned"]
+    return names, np.array([[s["stages"][name][key] for name in names] for s in summaries])
+
+
+def plot_figures(method_jobs_: list[Job], ratio_jobs: list[Job]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import nav1d
+
+    nav1d.plot_task(HERE / "nav1d_task.png")
+    sequence_runs = {data: [s for s in (j.summary() for j in method_jobs_
+                                        if j.tags == {"method": "rl,dpo,sft x3", "data": data}) if s is not None]
+                     for data in DATASETS}
+    for filename, key, ylabel in (("nav1d_learning_curves.png", "return_mean", "return"),
+                                  ("nav1d_coherency_passes.png", "coherency", "policy coherency")):
+        if not any(sequence_runs.values()):
+            break
+        figure, axes = plt.subplots(1, len(DATASETS), figsize=(4 * len(DATASETS), 3.2), sharey=True)
+        for axis, data in zip(axes, DATASETS):
+            if not sequence_runs[data]:
+                continue
+            names, values = stage_curve(sequence_runs[data], key)
+            mean, std = values.mean(0), values.std(0)
+            axis.plot(range(len(names)), mean, marker="o", label="after each method (±1 std over seeds)")
+            axis.fill_between(range(len(names)), mean - std, mean + std, alpha=0.25)
+            axis.axhline(mean[0], color="black", linestyle="--", linewidth=1, label="foundation")
+            axis.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+            axis.set_title(f"DP expectation, nav1d-{data}")
+            axis.set_ylabel(ylabel)
+        axes[0].legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(HERE / filename, dpi=120)
+        plt.close(figure)
+    summaries = [(j.tags["ratio"], j.summary()) for j in ratio_jobs if j.summary() is not None]
+    if summaries:
+        figure, axis = plt.subplots(figsize=(4.5, 3.2))
+        ratios = sorted({ratio for ratio, _ in summaries})
+        for stage, label in (("aligned", "EDA aligned"), ("behavior", "behavior model")):
+            values = [[s["stages"][stage]["return_mean"] for r, s in summaries if r == ratio] for ratio in ratios]
+            axis.errorbar(ratios, [np.mean(v) for v in values], [np.std(v) for v in values], marker="o", label=label)
+        axis.set_xscale("log")
+        axis.set_xlabel("fraction of states with Q-labelled candidates")
+        axis.set_ylabel("return (nav1d-full)")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(HERE / "eda_data_ratio.png", dpi=120)
+        plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tables", nargs="+", default=["planners", "policies", "methods"],
+                        choices=["planners", "policies", "methods", "eda_ratio"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs in parallel (one thread each)")
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))
+    parser.add_argument("--report-only", action="store_true", help="only rebuild tables/figures from finished runs")
+    options = parser.parse_args()
+    out = options.out.resolve()
+    command = "python benchmark_results/nav1d_tables.py " + shlex.join(sys.argv[1:])
+
+    planners = planner_jobs(out, options.seeds) if "planners" in options.tables else []
+    policies = policy_jobs(out, options.seeds) if "policies" in options.tables else []
+    base, variants = method_jobs(out, options.seeds) if "methods" in options.tables else ([], [])
+    ratios = eda_ratio_jobs(out, options.seeds) if "eda_ratio" in options.tables else []
+    if not options.report_only:
+        failed = run_jobs(planners + policies + base + ratios, options.jobs, out / "logs")
+        failed += run_jobs([job for job in variants if not any(b.run_dir.name in " ".join(job.args) for b in failed)],
+                           options.jobs, out / "logs")
+        if failed:
+            print(f"{len(failed)} runs failed; their rows are incomplete", file=sys.stderr)
+    if options.report_only and not any(job.summary() for job in planners + policies + base + variants + ratios):
+        sys.exit("no finished runs under --out to report on")
+    if planners:
+        (HERE / "nav1d_planners.md").write_text(planners_table(planners, command))
+    if policies:
+        (HERE / "nav1d_policies.md").write_text(policies_table(policies, command))
+    if base:
+        (HERE / "nav1d_methods.md").write_text(methods_table(base + variants, command))
+    plot_figures(base + variants, ratios)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Run many script invocations in parallel and turn their summary.json files into markdown tables.
+
+Used by the benchmark definitions in this folder (`nav1d_tables.py`). Each job is one command with its own run
+directory; a job whose summary.json already exists is skipped, so an interrupted benchmark continues where it
+stopped. Jobs run `--jobs` at a time, each pinned to one thread so that N jobs use N cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Job:
+    """One script run: `python {script}.py {args} --seed S --run-dir DIR`."""
+
+    script: str
+    args: list[str]
+    seed: int
+    run_dir: Path
+    tags: dict = field(default_factory=dict)
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, f"{self.script}.py", *self.args, "--seed", str(self.seed), "--run-dir", str(self.run_dir)]
+
+    @property
+    def summary_path(self) -> Path:
+        return self.run_dir / "summary.json"
+
+    def summary(self) -> dict | None:
+        return json.loads(self.summary_path.read_text()) if self.summary_path.exists() else None
+
+
+def run_jobs(jobs: list[Job], parallel: int, log_dir: Path) -> list[Job]:
+    """Run the jobs that have no summary yet; returns the ones that failed."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending = [job for job in jobs if not job.summary_path.exists()]
+    print(f"{len(jobs) - len(pending)} of {len(jobs)} runs already done; running {len(pending)} with {parallel} in parallel")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    failed: list[Job] = []
+
+    def run_one(job: Job) -> None:
+        if job.run_dir.exists():  # a killed earlier attempt: continue it rather than start over
+            command = job.command + ["--resume"] if (job.run_dir / "checkpoints").exists() else job.command
+        else:
+            command = job.command
+        log_path = log_dir / f"{job.run_dir.name}.log"
+        start = time.time()
+        with open(log_path, "w") as log:
+            result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode}, see {log_path})"
+        print(f"[{time.time() - start:6.0f}s] {shlex.join(command[1:])}: {status}", flush=True)
+        if result.returncode != 0:
+            failed.append(job)
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(run_one, pending))
+    return failed
+
+
+def git_commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return result.stdout.strip() + ("+uncommitted" if dirty else "")
+
+
+def mean_std(values: list[float], digits: int = 2) -> str:
+    """'mean ± std (n)' over seeds."""
+    if not values:
+        return "—"
+    array = np.asarray(values, dtype=np.float64)
+    return f"{array.mean():.{digits}f} ± {array.std():.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
