@@ -32,7 +32,7 @@ NOTES = """Notes
 - GFLOP/s counts only matrix multiplications (forward, backward and the backward of the input gradient), so the
   elementwise work (SiLU and LayerNorm derivatives, Adam) is overhead by this measure.
 - The machine is shared (2 cores, several other jobs): every number here can move by tens of percent between runs;
-  compare rows of one run, not across runs. The peak is measured in the same run for that reason.
+  compare rows of one run, not across runs. The peak is measured next to every loop for that reason.
 - Overheads found and removed:
   1. Double backward. eps = -sigma grad_a f makes the training loss a function of a gradient. With
      autograd.grad(create_graph=True) the step cannot be compiled, and a profile of the eager step shows ~30% of the
@@ -91,12 +91,15 @@ def counted_flops(function) -> int:
     return counter.total
 
 
-def matmul_peak(device, size: int = 1024, repeats: int = 20) -> float:
-    """fp32 GFLOP/s of a square matmul, the ceiling the loops are compared with: many short calls, the fastest one,
-    so that other jobs on a shared machine are unlikely to disturb all of them."""
+def matmul_peak(device, call_seconds: float, repeats: int, size: int = 1024) -> float:
+    """fp32 GFLOP/s of square matmuls, the ceiling a loop is compared with. Timed like the loop: calls of about the
+    same length (back-to-back matmuls), fastest of the same number of calls, right after it, so that the load of
+    other jobs on a shared machine weighs on both alike."""
     left, right = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    seconds = seconds_per_call(lambda: left @ right, device, repeats)
-    return 2 * size**3 / seconds / 1e9
+    single = seconds_per_call(lambda: left @ right, device, 3, warmup=1)
+    count = max(1, round(call_seconds / single))
+    seconds = seconds_per_call(lambda: [left @ right for _ in range(count)], device, repeats, warmup=0)
+    return 2 * size**3 * count / seconds / 1e9
 
 
 def main():
@@ -120,14 +123,12 @@ def main():
     low, high = -torch.ones(ACTION_DIM, device=device), torch.ones(ACTION_DIM, device=device)
     rows = []
 
-    peaks = [matmul_peak(device)]  # measured again after every loop; the table uses the best
 
     def measure(name, function, flops_of, unit, per_call=1.0, repeats=options.repeats, warmup=2):
         seconds = seconds_per_call(function, device, repeats, warmup)
         rate = 1000 * seconds / per_call if unit.startswith("ms") else per_call / seconds
-        rows.append((name, rate, unit, flops_of / seconds))
-        peaks.append(matmul_peak(device))
-        print(rows[-1], f"peak so far {max(peaks):.1f} GFLOP/s", flush=True)
+        rows.append((name, rate, unit, flops_of / seconds / 1e9, matmul_peak(device, seconds, repeats)))
+        print(rows[-1], flush=True)
 
     # behavior pretraining: batch 2048, loss through grad_a f (a gradient of a gradient)
     behavior.train()
@@ -195,7 +196,6 @@ def main():
     measure("evaluation action, 20 envs per call (after)", lambda: act(env_states),
             counted_flops(lambda: act(env_states)), "ms/action (20 envs)")
 
-    peak = max(peaks)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     lines = [
@@ -203,15 +203,14 @@ def main():
         "",
         f"Device: {device} ({platform.processor() or platform.machine()}), {options.threads} threads, "
         f"torch {torch.__version__}, commit {commit}. Behavior model f: {count_parameters(behavior):,} parameters.",
-        f"Measured fp32 matmul peak (1024^3, fastest of 20 calls, best of {len(peaks)} measurements spread over this "
-        f"run): **{peak:.1f} GFLOP/s**.",
+        "Matmul peak: fp32 1024^3 matmuls timed right after each loop, in calls as long as the loop's, fastest of "
+        "as many calls (so both see the same load from other jobs).",
         "",
-        "| loop | rate | unit | achieved GFLOP/s | % of matmul peak |",
-        "|---|---|---|---|---|",
+        "| loop | rate | unit | achieved GFLOP/s | matmul peak GFLOP/s | % of peak |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, rate, unit, flops_per_s in rows:
-        gflops = flops_per_s / 1e9
-        lines.append(f"| {name} | {rate:.3g} | {unit} | {gflops:.1f} | {100 * gflops / peak:.0f}% |")
+    for name, rate, unit, gflops, peak in rows:
+        lines.append(f"| {name} | {rate:.3g} | {unit} | {gflops:.1f} | {peak:.1f} | {100 * gflops / peak:.0f}% |")
     lines += ["", f"Command: `python benchmark_results/bench_eda_speed.py {' '.join(sys.argv[1:])}`".rstrip(), "",
               NOTES]
     text = "\n".join(lines) + "\n"
