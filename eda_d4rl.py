@@ -572,10 +572,9 @@ def main(args: Args) -> None:
     # ============================================================================================================
     evaluations = completed.setdefault("evaluations", {})
     coherency = completed.setdefault("coherency", {})
-    suffix = "" if args.eval_candidates == 1 else "_1cand"
     plan = [("behavior", behavior, args.eval_candidates), ("aligned", policy, args.eval_candidates)]
-    if args.eval_candidates > 1:
-        plan += [("behavior" + suffix, behavior, 1), ("aligned" + suffix, policy, 1)]
+    if args.eval_candidates > 1:  # also the plain diffusion policies, one sample per state
+        plan += [("behavior_1cand", behavior, 1), ("aligned_1cand", policy, 1)]
     for index, (name, model, n) in enumerate(plan):
         if name in evaluations:
             continue
@@ -587,10 +586,9 @@ def main(args: Args) -> None:
         print(f"{name:>16}: return {stats['return_mean']:.3f} +- {stats['return_std']:.3f}, "
               f"normalized score {stats['normalized_mean']:.1f} +- {stats['normalized_std']:.1f}")
         if data.family == "nav1d":
-            coherency[name] = nav1d.policy_coherency(
-                data.name.split("-")[-1], np.concatenate([o[:len(a)] for o, a in zip(result.observations,
-                                                                                    result.actions)]),
-                np.concatenate(result.actions))
+            kind = next(kind for kind in nav1d.DATASET_KINDS if kind in data.name)
+            states = np.concatenate([episode[:-1] for episode in result.observations])  # drop the final observations
+            coherency[name] = nav1d.policy_coherency(kind, states, np.concatenate(result.actions))
         save("evaluation", index + 1)
         if run.interrupted():
             save_and_exit("evaluation", index + 1)
