@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT_STAGES = ["--foundation-steps", "300", "--critic-steps", "300", "--rl-steps", "20", "--qvpg-steps", "20",
-                "--dpo-steps", "20", "--sft-steps", "20", "--cascade-steps", "20", "--eval-episodes", "20"]
+SHORT_STAGES = ["--foundation-steps", "300", "--critic-steps", "300", "--rl-steps", "15", "--qvpg-steps", "15",
+                "--dpo-steps", "15", "--sft-steps", "15", "--cascade-steps", "15", "--eval-episodes", "20"]
+THREADS = "1"  # one torch thread per run: on a shared 2-core machine more threads only contend
 RUNS = {  # every method the sampler supports
     "ddpm": ["--sampler", "ddpm", "--align", "rl,qvpg,dpo,sft,cascade"],
     "fm": ["--sampler", "fm", "--align", "qvpg,dpo,sft,cascade"],
@@ -36,8 +37,12 @@ def main() -> None:
             run_dir = Path(runs) / name
             command = [sys.executable, "dp_align.py", "--env", "nav1d-full", "--seed", "0", "--device", "cpu",
                        "--run-dir", str(run_dir), *SHORT_STAGES, *extra]
-            commands.append("python " + shlex.join(command[1:]).replace(str(run_dir), f"/tmp/dp_speed/{name}"))
-            subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=os.environ)
+            commands.append(f"OMP_NUM_THREADS={THREADS} python " + shlex.join(command[1:]).replace(str(run_dir),
+                                                                                            f"/tmp/dp_speed/{name}"))
+            result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": THREADS})
+            if result.returncode != 0:
+                sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
             throughput = json.loads((run_dir / "summary.json").read_text())["throughput"]
             cells = [f"{throughput[f'{stage}_steps_per_s']:.1f}" if f"{stage}_steps_per_s" in throughput else "-"
                      for stage in STAGES]
@@ -46,7 +51,8 @@ def main() -> None:
         "# dp_align.py throughput on Nav1D",
         "",
         f"Commit `{commit}`, device: CPU ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores visible, torch {torch.__version__}, {torch.get_num_threads()} threads). "
+        f"{os.cpu_count()} cores visible and shared with other jobs, so timings are noisy; torch {torch.__version__}, "
+        f"{THREADS} thread per run). "
         "Nav1D preset networks (DiT hidden 32, depth 2; 10 sampling steps; alignment batch 32 states x 8 samples). "
         "Training steps per second per stage (an alignment step samples its own batch: rl samples 256 chains and "
         "runs 2 PPO epochs over every stochastic step), and the latency of choosing one action for one state from "
