@@ -480,8 +480,8 @@ def unscale_actions(data, actions: np.ndarray) -> np.ndarray:
 # Workspace: everything a stage reads or trains, and the checkpoint built from it
 # ======================================================================================================================
 class Workspace:
-    def __init__(self, args: Args, data, run, methods: list[str]):
-        self.args, self.data, self.run, self.methods = args, data, run, methods
+    def __init__(self, args: Args, data, run):
+        self.args, self.data, self.run = args, data, run
         self.device = run.device
         self.obs_normalizer = Normalizer.from_array(data.observations)
         self.transitions = build_transitions(data, self.obs_normalizer, self.device)
@@ -1150,7 +1150,7 @@ def main(args: Args) -> None:
     try:
         if from_presets:
             print("preset values: " + ", ".join(f"{key}={value}" for key, value in from_presets.items()))
-        ws = Workspace(args, data, run, methods)
+        ws = Workspace(args, data, run)
         checkpoint = run.load_checkpoint() if args.resume else None
         if checkpoint is not None:
             ws.restore(checkpoint)
@@ -1162,12 +1162,14 @@ def main(args: Args) -> None:
             load_stage_from(args.load_foundation, ws.foundation, "foundation", "the foundation")
             ws.foundation_net.load_state_dict(ws.foundation.state_dict())
             ws.finished.append("foundation")
+            print(f"foundation loaded from {args.load_foundation}")
         train_loop(ws, "foundation", args.foundation_steps, lambda: foundation_update(ws), "foundation")
 
         # ---- Stage 2: IQL critic ----------------------------------------------------------------------------
         if args.load_critic and "critic" not in ws.finished:
             load_stage_from(args.load_critic, ws.critic, "critic", "the critic")
             ws.finished.append("critic")
+            print(f"critic loaded from {args.load_critic}")
         train_loop(ws, "critic", args.critic_steps, lambda: critic_update(ws), "critic")
 
         if "foundation" not in ws.results:
