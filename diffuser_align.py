@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import nav1d
+
 from common.data import (Normalizer, evaluate, gather_windows, iql_rewards, load_offline_data, normalized_score,
                          sample_windows_index)
 from common.diffusion import SAMPLERS, Diffusion, gaussian_log_prob
@@ -702,8 +704,6 @@ def main(args: Args) -> None:
 
     def plan_coherency_nav1d(chosen: torch.Tensor, obs: np.ndarray) -> list[float]:
         """Dynamics consistency of the chosen plans' (s, a, s') inside the episode (later steps are padding)."""
-        import nav1d
-
         states, actions = planner.states_actions(chosen)
         positions = state_norm.unnormalize(states.cpu().numpy())[..., 0]
         moves = action_unscale(actions.cpu().numpy())[..., 0]
