@@ -157,10 +157,17 @@ def stage_numbers(run_dir):
     return json.loads((run_dir / "summary.json").read_text())["stages"]
 
 
-def test_nav1d_smoke_run_interrupt_resume_and_determinism(tmp_path):
-    straight = tmp_path / "straight"
-    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(straight), *TINY_NAV1D)
+@pytest.fixture(scope="module")
+def tiny_nav1d_run(tmp_path_factory):
+    """One tiny complete Nav1D run, shared by the tests that only read it."""
+    tmp_path = tmp_path_factory.mktemp("tiny_nav1d")
+    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "run"), *TINY_NAV1D)
     assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path / "run"
+
+
+def test_nav1d_smoke_run_interrupt_resume_and_determinism(tmp_path, tiny_nav1d_run):
+    straight = tiny_nav1d_run
     summary = json.loads((straight / "summary.json").read_text())
     assert set(summary["stages"]) == {"behavior", "aligned", "behavior_1cand", "aligned_1cand"}
     assert summary["script"] == "eda_d4rl" and summary["coherency"]["aligned"] == 1.0
@@ -196,10 +203,8 @@ def test_nav1d_smoke_run_interrupt_resume_and_determinism(tmp_path):
     assert stage_numbers(interrupted) == stage_numbers(tmp_path / "reference")
 
 
-def test_load_behavior_and_critic_from_another_run(tmp_path):
-    source = tmp_path / "source"
-    assert run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(source), *TINY_NAV1D).returncode == 0
-    checkpoint = source / "checkpoints" / "latest.pt"
+def test_load_behavior_and_critic_from_another_run(tmp_path, tiny_nav1d_run):
+    checkpoint = tiny_nav1d_run / "checkpoints" / "latest.pt"
     result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "reuse"), *TINY_NAV1D,
                         "--load-behavior", str(checkpoint), "--load-critic", str(checkpoint))
     assert result.returncode == 0, result.stderr[-3000:]
