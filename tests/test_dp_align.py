@@ -260,11 +260,21 @@ def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path):
     assert list(stages) == ["foundation", "pass1/dpo", "pass1/sft", "pass2/dpo", "pass2/sft", "aligned"]
 
 
-def test_same_seed_gives_identical_numbers_and_a_non_finite_loss_stops_the_run(tmp_path):
+def test_same_seed_same_numbers_stages_load_from_another_run_and_non_finite_loss_stops(tmp_path):
     args = ["--env", "nav1d-full", *TINY, "--align", "rl"]
     first, second = (run_script(tmp_path, *args, "--run-dir", str(tmp_path / name)) for name in ("a", "b"))
     assert first.returncode == 0 and second.returncode == 0, first.stderr[-3000:]
     assert summary(tmp_path / "a")["stages"] == summary(tmp_path / "b")["stages"]
+
+    checkpoint = str(tmp_path / "a" / "checkpoints" / "latest.pt")
+    reuse = run_script(tmp_path, *args, "--run-dir", str(tmp_path / "reuse"), "--load-foundation", checkpoint,
+                       "--load-critic", checkpoint)
+    assert reuse.returncode == 0, reuse.stderr[-3000:]
+    assert "foundation loaded from" in reuse.stdout and "critic loaded from" in reuse.stdout
+    assert "foundation_steps_per_s" not in summary(tmp_path / "reuse")["throughput"]  # loaded, not trained
+    wrong_shape = run_script(tmp_path, *args, "--run-dir", str(tmp_path / "wrong"), "--hidden", "24",
+                             "--load-foundation", checkpoint)
+    assert wrong_shape.returncode == 2 and "does not fit" in wrong_shape.stderr
 
     exploding = run_script(tmp_path, *args, "--run-dir", str(tmp_path / "nan"), "--foundation-lr", "1e30")
     assert exploding.returncode == 1
