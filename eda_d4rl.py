@@ -478,10 +478,9 @@ def main(args: Args) -> None:
             batch = (observations[index], actions[index], rewards[index], next_observations[index], terminals[index])
             value_loss, q_loss = iql_losses_fn(critic, critic_target, value, batch, args)
             optimizers["v"].zero_grad(set_to_none=True)
-            value_loss.backward()
-            optimizers["v"].step()
             optimizers["q"].zero_grad(set_to_none=True)
-            q_loss.backward()
+            (value_loss + q_loss).backward()  # disjoint parameters (the other network's terms are under no_grad)
+            optimizers["v"].step()
             optimizers["q"].step()
             with torch.no_grad():
                 torch._foreach_lerp_(target_params, online_params, args.polyak)
