@@ -337,7 +337,7 @@ def test_non_finite_loss_stops_the_run_naming_stage_and_step(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_numbers(tmp_path):
-    argv = ["--env", "nav1d-full", *TINY, "--foundation-steps", "400", "--save-every", "10", "--align", "rl,dpo"]
+    argv = ["--env", "nav1d-full", *TINY, "--foundation-steps", "200", "--save-every", "10", "--align", "rl,dpo"]
     reference = run_script(tmp_path, "--run-dir", str(tmp_path / "straight"), *argv)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
