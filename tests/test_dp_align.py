@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import dp_align
+from conftest import make_tiny_hopper_dataset
 from common.diffusion import Diffusion
 from common.nets import MLPDenoiser, lora_parameters
 
@@ -290,33 +291,6 @@ def test_resume_without_a_checkpoint_exits_2(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # A tiny Hopper-v5 Minari dataset end to end
 # ----------------------------------------------------------------------------------------------------------------
-def make_tiny_hopper_dataset(dataset_id, episodes=10, steps=30):
-    import gymnasium as gym
-    import minari
-    from minari.data_collector import EpisodeBuffer
-
-    env = gym.make("Hopper-v5")
-    rng = np.random.default_rng(0)
-    buffers = []
-    for episode in range(episodes):
-        observation, _ = env.reset(seed=episode)
-        observations, actions, rewards, terminations, truncations = [observation], [], [], [], []
-        for step in range(steps):
-            action = rng.uniform(-1, 1, 3).astype(np.float32)
-            observation, reward, terminated, _, _ = env.step(action)
-            observations.append(observation)
-            actions.append(action)
-            rewards.append(reward)
-            terminations.append(terminated)
-            truncations.append(step == steps - 1 and not terminated)
-            if terminated:
-                break
-        buffers.append(EpisodeBuffer(id=episode, observations=np.stack(observations), actions=np.stack(actions),
-                                     rewards=np.array(rewards), terminations=np.array(terminations),
-                                     truncations=np.array(truncations)))
-    minari.create_dataset_from_buffers(dataset_id, buffers, env="Hopper-v5", algorithm_name="random")
-
-
 def test_tiny_hopper_minari_dataset_end_to_end(tmp_path):
     dataset_id = "mujoco/hopper/dptiny-v0"
     make_tiny_hopper_dataset(dataset_id)
