@@ -616,9 +616,12 @@ def main(args: Args) -> None:
         restore_rng(checkpoint["rng"])
         print(f"resuming from stage '{resume_stage}' step {resume_step}; finished: {', '.join(completed) or 'none'}")
 
-    def load_stage_from(path: str, stages: list[str], modules: dict[str, nn.Module]) -> None:
+    def load_stage_from(path: str, stages: list[str], modules: dict[str, nn.Module], same: tuple[str, ...]) -> None:
         """Reuse finished stages of another run (same data and sizes), e.g. one foundation for many alignments."""
         other = read_checkpoint_file(path, "diffuser_align")
+        differing = [f"{name}={other['args'].get(name)!r}" for name in same if other["args"].get(name) != getattr(args, name)]
+        if differing:
+            raise UserError(f"checkpoint '{path}' was trained with other settings ({', '.join(differing)})")
         missing = [stage for stage in stages if stage not in other["completed"]]
         if missing:
             raise UserError(f"checkpoint '{path}' has not finished stage(s) {', '.join(missing)}")
@@ -629,9 +632,10 @@ def main(args: Args) -> None:
 
     if checkpoint is None and args.load_foundation:
         load_stage_from(args.load_foundation, ["foundation"] + (["inverse_dynamics"] if args.planner == "dd" else []),
-                        dict(foundation=foundation, inverse_dynamics=inverse_dynamics))
+                        dict(foundation=foundation, inverse_dynamics=inverse_dynamics),
+                        ("env", "planner", "sampler", "prediction", "denoising_steps"))
     if checkpoint is None and args.load_critic:
-        load_stage_from(args.load_critic, ["critic"], dict(q=q, q_target=q_target, value=value))
+        load_stage_from(args.load_critic, ["critic"], dict(q=q, q_target=q_target, value=value), ("env",))
 
     def save(stage: str, step: int) -> None:
         models = dict(foundation=foundation.state_dict(), inverse_dynamics=inverse_dynamics.state_dict(),

@@ -372,6 +372,9 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path):
     wrong_size = run_script(tmp_path, "--run-dir", str(tmp_path / "wrong"), *argv, "--unet-base-dim", "16",
                             "--load-foundation", checkpoint)
     assert wrong_size.returncode == 2 and "does not fit" in wrong_size.stderr
+    other_sampler = run_script(tmp_path, "--run-dir", str(tmp_path / "other"), *argv, "--sampler", "sm",
+                               "--load-foundation", checkpoint)
+    assert other_sampler.returncode == 2 and "other settings (sampler='ddpm')" in other_sampler.stderr
 
 
 def test_hopper_minari_dataset_runs_end_to_end_with_horizon_32(tmp_path):
