@@ -70,6 +70,8 @@ class Args:
     """checkpoint every N steps of a stage (and at the end of every stage)"""
     compile: bool = False
     """torch.compile the denoiser used for foundation training"""
+    cpu_threads: int = 0
+    """torch CPU threads (0: torch's default); small networks run faster on 1, above all on a busy machine"""
 
     planner: str = "diffuser"
     """diffuser: (state, action) windows; dd: state windows + inverse dynamics (Decision Diffuser)"""
@@ -198,7 +200,7 @@ PRESETS = {
                   foundation_lr=1e-3, inverse_dynamics_steps=2000, inverse_dynamics_hidden=64, critic_steps=6000,
                   critic_hidden=64, expectile=0.9, eval_episodes=32, save_every=1000, align_states=32,
                   rl_steps=60, qvpg_steps=60, dpo_steps=60, sft_steps=60, cascade_steps=150, align_lr=1e-3,
-                  lora_rank=8, online_critic_steps=1000),
+                  lora_rank=8, online_critic_steps=1000, cpu_threads=1),
     "hopper": dict(horizon=32, unet_base_dim=32, unet_dim_mults=(1, 2, 4)),
 }
 

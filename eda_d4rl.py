@@ -172,7 +172,6 @@ def validate_args(args: Args) -> None:
         (args.eval_candidates >= 1, f"--eval-candidates must be >= 1, got {args.eval_candidates}"),
         (args.eval_episodes >= 1, f"--eval-episodes must be >= 1, got {args.eval_episodes}"),
         (args.sampler_steps >= 1, f"--sampler-steps must be >= 1, got {args.sampler_steps}"),
-        (args.cpu_threads >= 0, f"--cpu-threads must be >= 0, got {args.cpu_threads}"),
     ]
     for name in ("behavior_steps", "critic_steps", "align_steps", "eval_every"):
         checks.append((getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0"))
@@ -332,8 +331,6 @@ def main(args: Args) -> None:
     run = start_run(args, script=SCRIPT)
     device = run.device
     print(f"values from presets: {from_presets}" if from_presets else "no preset matched; using the defaults")
-    if args.cpu_threads:
-        torch.set_num_threads(args.cpu_threads)
     state = run.load_checkpoint() if args.resume else None
     if args.resume and state is None:
         raise UserError(f"--resume: no checkpoint in {run.run_dir}")

@@ -250,11 +250,15 @@ class Run:
 
 
 def start_run(args: Any, script: str) -> Run:
-    """Resolve the run directory (DESIGN 2.1 default), seed everything, and open the run."""
+    """Resolve the run directory (DESIGN 2.1 default), set CPU threads, seed everything, and open the run."""
     if not args.run_dir:
         if args.resume:
             raise UserError("--resume needs --run-dir pointing at the run to continue")
         args.run_dir = default_run_dir(args.env, args.exp_name, args.seed)
+    if args.cpu_threads < 0:
+        raise UserError(f"--cpu-threads must be >= 0, got {args.cpu_threads}")
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
     seed_everything(args.seed, args.torch_deterministic)
     return Run(args, script)
 

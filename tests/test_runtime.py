@@ -24,6 +24,7 @@ class Args:
     torch_deterministic: bool = True
     run_dir: str = ""
     resume: bool = False
+    cpu_threads: int = 0
     beta: float = 1.0
     steps: int = 5
 
