@@ -118,11 +118,9 @@ Device: CPU ({platform.processor() or platform.machine()}), torch {torch.__versi
 1-minute load average at the end of the run {load:.1f} (the machine was shared: a load above the core count
 inflates every number). Commit {commit}.
 
-Reading the numbers: with one thread, a call's CPU time is what it would take on an idle core (see the last column).
-With two threads on a machine whose load is far
-above its two cores, the threads spin-wait for each other and the wall clock says nothing about a dedicated
-2-core machine; the 150 ms target (an ideal split of the one-thread CPU time over two cores would give about 120 ms) is
-not verified on dedicated cores.
+Reading the numbers: with one thread, a call's CPU time is what it would take on an idle core (last column). With
+two threads the wall clock is only meaningful when the load average above is below the core count; otherwise the
+threads wait for each other. Target: planning latency <= 150 ms on 2 cores.
 
 Command: `python benchmark_results/diffuser_speed.py --threads {' '.join(map(str, args.threads))}`
 """
