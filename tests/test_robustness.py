@@ -199,3 +199,18 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, script, case):
 def test_unknown_sampler_or_planner_is_refused(tmp_path, script, flag):
     result = run(script, "--env", "nav1d-full", flag, "nope", "--run-dir", str(tmp_path / "run"), timeout=120)
     assert result.returncode == 2 and "nope" in result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_diverging_later_stage_keeps_the_last_good_checkpoint(tmp_path, script):
+    """The critic blows up after the first stage was checkpointed: the run stops naming the stage, and what is left on
+    disk is a readable checkpoint whose weights are all finite."""
+    tiny, _ = SCRIPTS[script]
+    run_dir = tmp_path / "diverging"
+    result = run(script, "--env", "nav1d-full", *tiny, "--critic-lr", "1e30", "--run-dir", str(run_dir))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "non-finite loss" in result.stderr and "critic" in result.stderr and "step" in result.stderr
+    kept = read_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert kept is not None
+    tensors = [value for model in kept["models"].values() for value in model.values() if torch.is_tensor(value)]
+    assert tensors and all(torch.isfinite(value).all() for value in tensors if value.is_floating_point())
