@@ -69,7 +69,7 @@ class Args:
     save_every: int = 5000
     """checkpoint every N steps of a stage (and at the end of every stage)"""
     compile: bool = False
-    """torch.compile the denoiser used for foundation training"""
+    """torch.compile the denoiser for foundation training and for planning (evaluation)"""
     cpu_threads: int = 0
     """torch CPU threads (0: torch's default); small networks run faster on 1, above all on a busy machine"""
 
@@ -331,6 +331,17 @@ class Planner:
         self.state_dim, self.action_dim = state_dim, action_dim
         self.x_dim = state_dim + (action_dim if self.kind == "diffuser" else 0)
         self.cascade: nn.Module | None = None
+        self.compile = args.compile
+        self._compiled: dict[nn.Module, nn.Module] = {}
+
+    def acting_denoiser(self) -> nn.Module:
+        """The denoiser as `act` calls it: with --compile a torch.compile'd wrapper of the current denoiser, made once
+        per denoiser object (it reads the live weights, so training in between needs no new compilation)."""
+        if not self.compile:
+            return self.denoiser
+        if self.denoiser not in self._compiled:
+            self._compiled[self.denoiser] = torch.compile(self.denoiser)
+        return self._compiled[self.denoiser]
 
     def sample(self, states, repeats, model=None, **sample_kwargs):
         """`repeats` plans per state with the state in-painted; SampleOutput over (len(states) * repeats) plans."""
@@ -363,7 +374,7 @@ class Planner:
     @torch.no_grad()
     def act(self, states, use_cascade=False):
         """Draw num_plans per state in one sampler call, keep the best by plan reward; (actions, chosen plans)."""
-        plans = self.sample(states, self.num_plans).x0
+        plans = self.sample(states, self.num_plans, model=self.acting_denoiser()).x0
         if use_cascade and self.cascade is not None:
             plans = self.refine(plans)
         best = select_best_plans(self.rewards(plans), self.num_plans)

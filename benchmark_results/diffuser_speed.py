@@ -79,17 +79,21 @@ def measure(args: Args, threads: int) -> dict:
 
     unet.eval()
     state = torch.randn(1, args.state_dim)
-    for _ in range(3):
-        planner.act(state)
-    latencies, cpu_times = [], []
-    for _ in range(args.plan_repeats):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        planner.act(state)
-        latencies.append((time.perf_counter() - start) * 1000)
-        cpu_times.append((time.process_time() - cpu_start) * 1000)
-    return dict(train_steps_per_s=train_steps_per_s, train_cpu_steps_per_s=train_cpu_steps_per_s,
-                latency_ms=float(np.median(latencies)), latency_p90_ms=float(np.percentile(latencies, 90)),
-                latency_cpu_ms=float(np.median(cpu_times)), parameters=count_parameters(unet))
+    result = dict(train_steps_per_s=train_steps_per_s, train_cpu_steps_per_s=train_cpu_steps_per_s,
+                  parameters=count_parameters(unet))
+    for mode in ("eager", "compiled"):
+        planner.compile = mode == "compiled"  # what diffuser_align.py --compile does when planning
+        for _ in range(3):  # warm-up (and, compiled, the compilation itself)
+            planner.act(state)
+        latencies, cpu_times = [], []
+        for _ in range(args.plan_repeats):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            planner.act(state)
+            latencies.append((time.perf_counter() - start) * 1000)
+            cpu_times.append((time.process_time() - cpu_start) * 1000)
+        result.update({f"{mode}_ms": float(np.median(latencies)), f"{mode}_p90_ms": float(np.percentile(latencies, 90)),
+                       f"{mode}_cpu_ms": float(np.median(cpu_times))})
+    return result
 
 
 def main(args: Args) -> None:
@@ -98,7 +102,8 @@ def main(args: Args) -> None:
         result = measure(args, threads)
         parameters = result["parameters"]
         rows.append(f"| {threads} | {result['train_steps_per_s']:.2f} | {result['train_cpu_steps_per_s']:.2f} | "
-                    f"{result['latency_ms']:.1f} | {result['latency_p90_ms']:.1f} | {result['latency_cpu_ms']:.1f} |")
+                    + " | ".join(f"{result[f'{mode}_ms']:.1f} | {result[f'{mode}_p90_ms']:.1f} | {result[f'{mode}_cpu_ms']:.1f}"
+                                 for mode in ("eager", "compiled")) + " |")
         print(rows[-1])
     table = "\n".join(rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -107,11 +112,12 @@ def main(args: Args) -> None:
 
 Temporal U-Net: horizon 32, {args.state_dim}-d states + {args.action_dim}-d actions, base_dim 32, dim_mults (1, 2, 4),
 {parameters:,} parameters; DDPM (x0-prediction), 20 denoising steps. Planning latency is one environment step of the
-evaluation policy: 16 plans x 20 denoising steps, in-painting, twin-Q scoring and selection (target <= 150 ms).
+evaluation policy: 16 plans x 20 denoising steps, in-painting, twin-Q scoring and selection (target <= 150 ms),
+eager and with `--compile` (torch.compile of the denoiser; compilation itself, ~20 s on CPU, is not timed).
 Training is one masked in-painting step on a batch of {args.batch_size} windows.
 
-| threads | training steps/s (wall) | training steps per CPU-second | planning latency median (ms, wall) | p90 (ms, wall) | planning CPU time median (ms) |
-|---|---|---|---|---|---|
+| threads | training steps/s (wall) | training steps per CPU-second | planning median (ms, wall) | p90 | CPU median (ms) | planning `--compile` median (ms, wall) | p90 | CPU median (ms) |
+|---|---|---|---|---|---|---|---|---|
 {table}
 
 Device: CPU ({platform.processor() or platform.machine()}), torch {torch.__version__},

@@ -21,6 +21,22 @@ from common.runtime import UserError
 CASCADE_INPUT_PREFIX = "x_cond_proj."
 
 
+def mish(x: torch.Tensor) -> torch.Tensor:
+    """Mish, x * tanh(softplus(x)), through one sigmoid: with u = sigmoid(-x), tanh(softplus(x)) = (1 - u^2) / (1 + u^2).
+
+    Equal to F.mish to ~1e-6 (with the same gradients), but F.mish is not vectorised on CPU: on the planner's
+    activations (16 x 128 x 8) it takes ~64 us against ~25 us here, and the U-Net calls it 27 times per forward."""
+    u2 = torch.sigmoid(-x).square()
+    return torch.addcdiv(x, x * u2, 1.0 + u2, value=-2.0)
+
+
+class Mish(nn.Module):
+    """Module form of `mish` (no parameters, so state dicts match nn.Mish models)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mish(x)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Time embeddings
 
@@ -192,7 +208,7 @@ class _Conv1dBlock(nn.Module):
         super().__init__()
         self.conv = nn.Conv1d(in_ch, out_ch, kernel_size, padding=kernel_size // 2)
         self.norm = nn.GroupNorm(groups, out_ch)
-        self.act = nn.Mish()
+        self.act = Mish()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.conv(x)))
@@ -250,9 +266,9 @@ class TemporalUNet(nn.Module):
         self.horizon = horizon
         self.cond_dim = cond_dim
         emb_dim = base_dim
-        self.time_mlp = nn.Sequential(SinusoidalTimeEmbedding(base_dim), nn.Linear(base_dim, 4 * base_dim), nn.Mish(),
+        self.time_mlp = nn.Sequential(SinusoidalTimeEmbedding(base_dim), nn.Linear(base_dim, 4 * base_dim), Mish(),
                                       nn.Linear(4 * base_dim, emb_dim))
-        self.cond_mlp = (nn.Sequential(nn.Linear(cond_dim, 4 * base_dim), nn.Mish(), nn.Linear(4 * base_dim, emb_dim))
+        self.cond_mlp = (nn.Sequential(nn.Linear(cond_dim, 4 * base_dim), Mish(), nn.Linear(4 * base_dim, emb_dim))
                          if cond_dim > 0 else None)
         self.input_proj = nn.Conv1d(x_dim, base_dim, 1)
         self.extra_in_dim = extra_in_dim
@@ -286,7 +302,7 @@ class TemporalUNet(nn.Module):
         emb = self.time_mlp(t)
         if self.cond_mlp is not None:
             emb = emb + self.cond_mlp(cond)
-        emb = F.mish(emb)
+        emb = mish(emb)
         h = self.input_proj(x.transpose(1, 2))
         if self.x_cond_proj is not None:
             h = h + self.x_cond_proj(x_cond.transpose(1, 2))
@@ -387,14 +403,14 @@ class MLPDenoiser(nn.Module):
         self.input_proj = nn.Linear(horizon * x_dim, hidden)
         self.extra_in_dim = extra_in_dim
         self.x_cond_proj = _zero_init(nn.Linear(horizon * extra_in_dim, hidden)) if extra_in_dim > 0 else None
-        self.time_mlp = nn.Sequential(SinusoidalTimeEmbedding(hidden), nn.Linear(hidden, hidden), nn.Mish(),
+        self.time_mlp = nn.Sequential(SinusoidalTimeEmbedding(hidden), nn.Linear(hidden, hidden), Mish(),
                                       nn.Linear(hidden, hidden))
-        self.cond_mlp = (nn.Sequential(nn.Linear(cond_dim, hidden), nn.Mish(), nn.Linear(hidden, hidden))
+        self.cond_mlp = (nn.Sequential(nn.Linear(cond_dim, hidden), Mish(), nn.Linear(hidden, hidden))
                          if cond_dim > 0 else None)
-        trunk: list[nn.Module] = [nn.Mish(), nn.Linear(2 * hidden, hidden)]
+        trunk: list[nn.Module] = [Mish(), nn.Linear(2 * hidden, hidden)]
         for _ in range(layers - 1):
-            trunk += [nn.Mish(), nn.Linear(hidden, hidden)]
-        trunk += [nn.Mish(), nn.Linear(hidden, horizon * x_dim)]
+            trunk += [Mish(), nn.Linear(hidden, hidden)]
+        trunk += [Mish(), nn.Linear(hidden, horizon * x_dim)]
         self.trunk = nn.Sequential(*trunk)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,

@@ -92,6 +92,24 @@ def test_plan_selection_executes_the_argmax_q_plan():
     assert da.select_best_plans(rewards, 3).tolist() == [1, 1]
 
 
+def test_compiled_planning_chooses_the_same_plans_as_eager_and_follows_the_live_weights():
+    eager, compiled = tiny_planner(), tiny_planner(compile=True)
+    states = torch.randn(3, STATE_DIM)
+    results = []
+    for planner in (eager, compiled):
+        torch.manual_seed(5)
+        results.append(planner.act(states))
+    assert compiled.acting_denoiser() is not compiled.denoiser  # a compiled wrapper, made once
+    assert compiled.acting_denoiser() is compiled.acting_denoiser()
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
+    for planner in (eager, compiled):  # training between evaluations must reach the compiled wrapper
+        perturbed(planner.denoiser)
+        torch.manual_seed(5)
+        results.append(planner.act(states))
+    torch.testing.assert_close(results[3], results[2], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(results[2][1], results[0][1])
+
+
 def test_mean_plan_reward_averages_q_over_the_plan():
     planner = tiny_planner(plan_reward="mean")
     planner.q_target = ActionIsQ()

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from common.nets import (
+    mish,
     DiT1d,
     GaussianFourierTime,
     IDQLResidualMLP,
@@ -313,3 +314,15 @@ def test_missing_or_ignored_inputs_are_refused(name):
         _sequence_models(extra_in_dim=X_DIM)[name](x, t, cond)
     with pytest.raises(ValueError, match="cond_dim=0"):
         TemporalUNet(X_DIM, H, base_dim=8)(x, t, cond)
+
+
+def test_fast_mish_matches_torch_mish_in_value_and_gradient():
+    x = torch.linspace(-60.0, 60.0, 20001, dtype=torch.float64, requires_grad=True)
+    ours, reference = mish(x), nn.functional.mish(x)
+    assert torch.allclose(ours, reference, atol=1e-12, rtol=1e-10)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), x)
+    (grad_reference,) = torch.autograd.grad(reference.sum(), x)
+    assert torch.allclose(grad_ours, grad_reference, atol=1e-10, rtol=1e-8)
+    x32 = torch.linspace(-60.0, 60.0, 20001)
+    assert (mish(x32) - nn.functional.mish(x32)).abs().max() < 1e-5
+    assert torch.isfinite(mish(torch.tensor([-1e4, 1e4]))).all()
