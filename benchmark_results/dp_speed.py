@@ -4,11 +4,12 @@ Runs dp_align.py once per sampler with the Nav1D preset's networks and short sta
 the `throughput` block of each summary.json and writes benchmark_results/dp_speed.md with the commands, the commit
 and the machine. Usage (from the repository root):
 
-    python benchmark_results/dp_speed.py
+    python benchmark_results/dp_speed.py                 # CPU
+    python benchmark_results/dp_speed.py --device cuda
 """
+import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -18,6 +19,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmark_results.runner import device_name, git_commit  # noqa: E402
+
 SHORT_STAGES = ["--foundation-steps", "300", "--critic-steps", "300", "--rl-steps", "15", "--qvpg-steps", "15",
                 "--dpo-steps", "15", "--sft-steps", "15", "--cascade-steps", "15", "--eval-episodes", "20"]
 THREADS = "1"  # one torch thread per run: on a shared 2-core machine more threads only contend
@@ -29,13 +33,16 @@ STAGES = ["foundation", "critic", "rl", "qvpg", "dpo", "sft", "cascade"]
 
 
 def main() -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (passed to dp_align.py)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmark_results" / "dp_speed.md")
+    options = parser.parse_args()
+    commit = git_commit()
     rows, commands = [], []
     with tempfile.TemporaryDirectory() as runs:
         for name, extra in RUNS.items():
             run_dir = Path(runs) / name
-            command = [sys.executable, "dp_align.py", "--env", "nav1d-full", "--seed", "0", "--device", "cpu",
+            command = [sys.executable, "dp_align.py", "--env", "nav1d-full", "--seed", "0", "--device", options.device,
                        "--run-dir", str(run_dir), *SHORT_STAGES, *extra]
             commands.append(f"OMP_NUM_THREADS={THREADS} python " + shlex.join(command[1:]).replace(str(run_dir),
                                                                                             f"/tmp/dp_speed/{name}"))
@@ -50,9 +57,9 @@ def main() -> None:
     lines = [
         "# dp_align.py throughput on Nav1D",
         "",
-        f"Commit `{commit}`, device: CPU ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores visible and shared with other jobs, so timings are noisy; torch {torch.__version__}, "
-        f"{THREADS} thread per run). "
+        f"Commit `{commit}`, device: {device_name(options.device)}; the CPU is shared with other jobs, so timings are "
+        f"noisy; torch {torch.__version__}, "
+        f"{THREADS} thread per run. "
         "Nav1D preset networks (DiT hidden 32, depth 2; 10 sampling steps; alignment batch 32 states x 8 samples). "
         "Training steps per second per stage (an alignment step samples its own batch: rl samples 256 chains and "
         "runs 2 PPO epochs over every stochastic step), and the latency of choosing one action for one state from "
@@ -62,14 +69,14 @@ def main() -> None:
         "| --- | " + " | ".join("---" for _ in STAGES) + " | --- |",
         *rows,
         "",
-        "Commands (written by `python benchmark_results/dp_speed.py`):",
+        f"Commands (written by `python benchmark_results/dp_speed.py{'' if options.device == 'cpu' else ' --device ' + options.device}`):",
         "",
         "```bash",
         *commands,
         "```",
         "",
     ]
-    (ROOT / "benchmark_results" / "dp_speed.md").write_text("\n".join(lines))
+    options.out.write_text("\n".join(lines))
     print("\n".join(lines))
 
 

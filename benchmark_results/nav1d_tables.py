@@ -7,6 +7,7 @@ Tables (markdown, written next to this file):
 - nav1d_policies.md : paper Table 3 on Nav1D (DP expectation / idql x partial/full/expert)
 - nav1d_methods.md  : EDA and every alignment method alone, and rl,dpo,sft with 1-3 passes, all methods from the
                       same DP foundation and critic (one base run per dataset and seed, loaded by the others)
+- nav1d_eda_data_ratio.md : EDA on nav1d-full with 1%-100% of the states Q-labelled (paper Figure 5a)
 Figures (PNG): nav1d_task.png, nav1d_learning_curves.png (return after every method of every pass, +-1 std over seeds,
 foundation level dashed), nav1d_coherency_passes.png, eda_data_ratio.png (EDA's return against the Q-labelled fraction).
 
@@ -42,7 +43,7 @@ PAPER_POLICIES = {
     "idql": {"partial": "2.69 → 4.42", "full": "4.61 → 6.24", "expert": "6.89 → 7.06"},
 }
 SINGLE_METHODS = ("rl", "qvpg", "dpo", "sft", "cascade")
-DATA_RATIOS = (0.01, 0.03, 0.1, 0.3, 1.0)
+DATA_RATIOS = (0.01, 0.03, 0.1, 0.3, 1.0)  # fraction of dataset states given Q-labelled candidates
 
 
 def align_sequence(sampler: str) -> str:
@@ -63,14 +64,20 @@ def policy_jobs(out: Path, seeds) -> list[Job]:
             for selection in PAPER_POLICIES for data in DATASETS for seed in seeds]
 
 
+def eda_job(out: Path, data: str, seed: int) -> Job:
+    """EDA with everything trained from scratch; the full-data run is also the ratio-1.0 point of the data-ratio curve."""
+    tags = {"method": "EDA", "data": data} | ({"ratio": 1.0} if data == "full" else {})
+    return Job("eda_d4rl", ["--env", f"nav1d-{data}"], seed, out / f"method_eda_{data}_s{seed}", tags)
+
+
 def method_jobs(out: Path, seeds) -> tuple[list[Job], list[Job]]:
-    """First the base runs (foundation, critic, rl,dpo,sft x1), then every variant loading the base's models."""
+    """First the base runs (DP foundation, critic, rl,dpo,sft x1; and EDA), then every DP variant loading its base."""
     base, variants = [], []
     for data in DATASETS:
         for seed in seeds:
             base_job = Job("dp_align", ["--env", f"nav1d-{data}", "--align", "rl,dpo,sft"], seed,
                            out / f"method_base_{data}_s{seed}", {"method": "rl,dpo,sft x1", "data": data})
-            base.append(base_job)
+            base += [base_job, eda_job(out, data, seed)]
             checkpoint = str(base_job.run_dir / "checkpoints" / "latest.pt")
             shared = ["--env", f"nav1d-{data}", "--load-foundation", checkpoint, "--load-critic", checkpoint]
             for method in SINGLE_METHODS:
@@ -80,14 +87,20 @@ def method_jobs(out: Path, seeds) -> tuple[list[Job], list[Job]]:
                 variants.append(Job("dp_align", [*shared, "--align", "rl,dpo,sft", "--passes", str(passes)], seed,
                                     out / f"method_seq{passes}_{data}_s{seed}",
                                     {"method": f"rl,dpo,sft x{passes}", "data": data}))
-            variants.append(Job("eda_d4rl", ["--env", f"nav1d-{data}"], seed, out / f"method_eda_{data}_s{seed}",
-                                {"method": "EDA", "data": data}))
     return base, variants
 
 
-def eda_ratio_jobs(out: Path, seeds) -> list[Job]:
-    return [Job("eda_d4rl", ["--env", "nav1d-full", "--data-ratio", str(ratio)], seed,
-                out / f"eda_ratio{ratio}_s{seed}", {"ratio": ratio}) for ratio in DATA_RATIOS for seed in seeds]
+def eda_ratio_jobs(out: Path, seeds) -> tuple[list[Job], list[Job]]:
+    """The full-data EDA run of each seed, then every smaller ratio reusing its behavior model and critic: the ratio
+    only decides which states get Q-labelled candidates, so what differs between points is the alignment alone."""
+    full = [eda_job(out, "full", seed) for seed in seeds]
+    variants = []
+    for job in full:
+        checkpoint = str(job.run_dir / "checkpoints" / "latest.pt")
+        variants += [Job("eda_d4rl", ["--env", "nav1d-full", "--data-ratio", str(ratio), "--load-behavior", checkpoint,
+                                      "--load-critic", checkpoint], job.seed, out / f"eda_ratio{ratio}_s{job.seed}",
+                         {"ratio": ratio}) for ratio in DATA_RATIOS if ratio < 1]
+    return full, variants
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,6 +178,21 @@ def methods_table(jobs: list[Job], command: str) -> str:
                      + [markdown_table(header, rows)]) + "\n"
 
 
+def eda_ratio_table(jobs: list[Job], command: str) -> str:
+    rows = []
+    for ratio in DATA_RATIOS:
+        summaries = [j.summary() for j in jobs if j.tags["ratio"] == ratio and j.summary() is not None]
+        cells = [mean_std([s["stages"][stage]["return_mean"] for s in summaries])
+                 for stage in ("behavior", "aligned", "behavior_1cand", "aligned_1cand")]
+        rows.append([f"{ratio:g}", *cells, str(len(summaries))])
+    header = ["Q-labelled fraction", "behavior (best of 4)", "aligned (best of 4)", "behavior (1 sample)",
+              "aligned (1 sample)", "seeds"]
+    notes = ["Every ratio below 1 loads the behavior model and critic of the ratio-1 run of its seed, so the rows",
+             "differ only in how many dataset states received K Q-labelled candidates for the alignment.", ""]
+    return "\n".join(header_lines("EDA on nav1d-full with a fraction of the data Q-labelled (paper Figure 5a)",
+                                  command, jobs) + notes + [markdown_table(header, rows)]) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,13 +265,18 @@ def main() -> None:
     planners = planner_jobs(out, options.seeds) if "planners" in options.tables else []
     policies = policy_jobs(out, options.seeds) if "policies" in options.tables else []
     base, variants = method_jobs(out, options.seeds) if "methods" in options.tables else ([], [])
-    ratios = eda_ratio_jobs(out, options.seeds) if "eda_ratio" in options.tables else []
+    ratio_base, ratio_variants = eda_ratio_jobs(out, options.seeds) if "eda_ratio" in options.tables else ([], [])
     if not options.report_only:
-        failed = run_jobs(planners + policies + base + ratios, options.jobs, out / "logs")
-        failed += run_jobs([job for job in variants if not any(b.run_dir.name in " ".join(job.args) for b in failed)],
-                           options.jobs, out / "logs")
-        if failed:
-            print(f"{len(failed)} runs failed; their rows are incomplete", file=sys.stderr)
+        first = list({job.run_dir: job for job in planners + policies + base + ratio_base}.values())
+        failed = run_jobs(first, options.jobs, out / "logs")
+        failed_checkpoints = {str(job.run_dir / "checkpoints" / "latest.pt") for job in failed}
+        dependent = [job for job in variants + ratio_variants if not failed_checkpoints & set(job.args)]
+        skipped = len(variants) + len(ratio_variants) - len(dependent)
+        failed += run_jobs(dependent, options.jobs, out / "logs")
+        if failed or skipped:
+            print(f"{len(failed)} runs failed and {skipped} were skipped because their base run failed; "
+                  "their rows are incomplete", file=sys.stderr)
+    ratios = ratio_base + ratio_variants
     if options.report_only and not any(job.summary() for job in planners + policies + base + variants + ratios):
         sys.exit("no finished runs under --out to report on")
     if planners:
@@ -252,6 +285,8 @@ def main() -> None:
         (HERE / "nav1d_policies.md").write_text(policies_table(policies, command))
     if base:
         (HERE / "nav1d_methods.md").write_text(methods_table(base + variants, command))
+    if ratios:
+        (HERE / "nav1d_eda_data_ratio.md").write_text(eda_ratio_table(ratios, command))
     plot_figures(base + variants, ratios)
 
 

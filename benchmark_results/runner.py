@@ -78,6 +78,17 @@ def git_commit() -> str:
     return result.stdout.strip() + ("+uncommitted" if dirty else "")
 
 
+def device_name(device: str) -> str:
+    """The accelerator's name for a cuda device, else the CPU and how many cores this process can see."""
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
+
+
 def mean_std(values: list[float], digits: int = 2) -> str:
     """'mean ± std (n)' over seeds."""
     if not values:
