@@ -130,7 +130,10 @@ def before_after(jobs: list[Job]) -> tuple[str, str, str, str]:
 
 def header_lines(title: str, command: str, jobs: list[Job]) -> list[str]:
     devices = sorted({job.summary()["device"] for job in jobs if job.summary() is not None}) or ["—"]
-    return [f"# {title}", "", f"Command: `{command}`  ", f"Commit: `{git_commit()}`  ", f"Device: {', '.join(devices)}",
+    run_commits = sorted({commit for job in jobs if job.summary() is not None for commit in job.commits()}) or ["—"]
+    return [f"# {title}", "", f"Command: `{command}`  ",
+            f"Runs made at commit {', '.join(f'`{c}`' for c in run_commits)} (of the scripts they ran); "
+            f"table written at `{git_commit()}`  ", f"Device: {', '.join(devices)}",
             "", "Returns are mean ± std over seeds of the per-seed mean evaluation return (Nav1D returns lie in [0, 8];",
             "exact optimum 7.23, uniform-random actions 1.40). 'episode std' is the spread of returns over evaluation",
             "episodes (mean over seeds), before → after. Paper numbers are for the paper's own Nav1D.", ""]
@@ -268,11 +271,11 @@ def main() -> None:
     ratio_base, ratio_variants = eda_ratio_jobs(out, options.seeds) if "eda_ratio" in options.tables else ([], [])
     if not options.report_only:
         first = list({job.run_dir: job for job in planners + policies + base + ratio_base}.values())
-        failed = run_jobs(first, options.jobs, out / "logs")
+        failed = run_jobs(first, options.jobs)
         failed_checkpoints = {str(job.run_dir / "checkpoints" / "latest.pt") for job in failed}
         dependent = [job for job in variants + ratio_variants if not failed_checkpoints & set(job.args)]
         skipped = len(variants) + len(ratio_variants) - len(dependent)
-        failed += run_jobs(dependent, options.jobs, out / "logs")
+        failed += run_jobs(dependent, options.jobs)
         if failed or skipped:
             print(f"{len(failed)} runs failed and {skipped} were skipped because their base run failed; "
                   "their rows are incomplete", file=sys.stderr)

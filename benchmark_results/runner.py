@@ -43,10 +43,21 @@ class Job:
     def summary(self) -> dict | None:
         return json.loads(self.summary_path.read_text()) if self.summary_path.exists() else None
 
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir.parent / "logs" / f"{self.run_dir.name}.log"
 
-def run_jobs(jobs: list[Job], parallel: int, log_dir: Path) -> list[Job]:
+    @property
+    def commits_path(self) -> Path:
+        """One line per launch of this run (a resumed run may span commits): the commit its code came from."""
+        return self.run_dir.parent / "logs" / f"{self.run_dir.name}.commits"
+
+    def commits(self) -> list[str]:
+        return self.commits_path.read_text().split() if self.commits_path.exists() else []
+
+
+def run_jobs(jobs: list[Job], parallel: int) -> list[Job]:
     """Run the jobs that have no summary yet; returns the ones that failed."""
-    log_dir.mkdir(parents=True, exist_ok=True)
     pending = [job for job in jobs if not job.summary_path.exists()]
     print(f"{len(jobs) - len(pending)} of {len(jobs)} runs already done; running {len(pending)} with {parallel} in parallel")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -57,7 +68,10 @@ def run_jobs(jobs: list[Job], parallel: int, log_dir: Path) -> list[Job]:
             command = job.command + ["--resume"] if (job.run_dir / "checkpoints").exists() else job.command
         else:
             command = job.command
-        log_path = log_dir / f"{job.run_dir.name}.log"
+        log_path = job.log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(job.commits_path, "a") as commits:
+            commits.write(git_commit((f"{job.script}.py", "nav1d.py", "common")) + "\n")
         start = time.time()
         with open(log_path, "w") as log:
             result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -71,9 +85,10 @@ def run_jobs(jobs: list[Job], parallel: int, log_dir: Path) -> list[Job]:
     return failed
 
 
-def git_commit() -> str:
+def git_commit(paths: tuple[str, ...] = ()) -> str:
+    """Short HEAD, with '+uncommitted' when tracked files (of `paths` only, if given) differ from it."""
     result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], cwd=REPO_ROOT,
                            capture_output=True, text=True).stdout.strip()
     return result.stdout.strip() + ("+uncommitted" if dirty else "")
 
