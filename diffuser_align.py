@@ -672,20 +672,24 @@ def main(args: Args) -> None:
         return optimizers[stage]
 
     def train(stage: str, total_steps: int, step_fn, log_every: int = 50, curve=None) -> float:
-        """Run step_fn(step) -> {name: loss} from the resumed step; checkpoints, Ctrl-C, finiteness; returns steps/s.
+        """Run step_fn(step) -> {name: detached loss tensor} from the resumed step; checkpoints, Ctrl-C, finiteness;
+        returns steps/s.
 
+        Losses are read back (a host-device sync) only to be logged, every `log_every` steps and before every
+        checkpoint, where a non-finite one stops the run: a checkpoint never follows a non-finite loss.
         `curve(step)` is called every --eval-every steps (alignment learning curves)."""
         start = resume_step if stage == resume_stage else 0
         bar = tqdm(range(start, total_steps), desc=stage, leave=False, dynamic_ncols=True, disable=total_steps == 0)
         began = time.perf_counter()
         for step in bar:
             losses = step_fn(step)
-            for name, loss_value in losses.items():
-                check_finite(loss_value, stage, step)
-            if step % log_every == 0 or step == total_steps - 1:
-                for name, loss_value in losses.items():
-                    writer.add_scalar(f"losses/{stage}/{name}", loss_value, step)
-                bar.set_postfix({name: f"{v:.4g}" for name, v in list(losses.items())[:3]})
+            saving = run.interrupted() or (step + 1) % args.save_every == 0 or step == total_steps - 1
+            if step % log_every == 0 or saving:
+                values = {name: float(value) for name, value in losses.items()}
+                for name, value in values.items():
+                    check_finite(value, stage, step)
+                    writer.add_scalar(f"losses/{stage}/{name}", value, step)
+                bar.set_postfix({name: f"{v:.4g}" for name, v in list(values.items())[:3]})
             if run.interrupted():
                 save(stage, step + 1)
                 print(f"interrupted: checkpoint saved to {run.latest}")
@@ -750,11 +754,10 @@ def main(args: Args) -> None:
             windows = window_batch(args.batch_size)
             known = random_prefix_masks(len(windows), args.horizon, state_dim, x_dim, device)
             loss = diffusion.loss(train_model, windows, None, mask=~known, known=known).mean()
-            check_finite(loss.item(), "foundation", step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            return {"diffusion": loss.item()}
+            return {"diffusion": loss.detach()}
 
         foundation.train()
         throughput["foundation_steps_per_s"] = train("foundation", args.foundation_steps, foundation_step)
@@ -769,11 +772,10 @@ def main(args: Args) -> None:
             index = torch.as_tensor(rng.integers(0, len(states_np), args.batch_size))
             states, targets = torch.as_tensor(states_np[index], device=device), torch.as_tensor(actions_np[index], device=device)
             loss = F.mse_loss(inverse_dynamics(states, torch.as_tensor(next_states[index], device=device)), targets)
-            check_finite(loss.item(), "inverse_dynamics", step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            return {"mse": loss.item()}
+            return {"mse": loss.detach()}
 
         throughput["inverse_dynamics_steps_per_s"] = train("inverse_dynamics", args.inverse_dynamics_steps, inverse_dynamics_step)
         finish("inverse_dynamics")
@@ -786,12 +788,11 @@ def main(args: Args) -> None:
         def critic_step(step: int) -> dict:
             value_loss, q_loss = iql_losses(q, q_target, value, transition_batch(args.critic_batch_size),
                                             args.expectile, args.discount)
-            check_finite((value_loss + q_loss).item(), stage, step)
             optimizer.zero_grad(set_to_none=True)
             (value_loss + q_loss).backward()
             optimizer.step()
             polyak_update(q_target, q, args.polyak)
-            return {"value": value_loss.item(), "q": q_loss.item()}
+            return {"value": value_loss.detach(), "q": q_loss.detach()}
 
         return train(stage, steps, critic_step)
 
@@ -830,10 +831,11 @@ def main(args: Args) -> None:
             free_mask = (~known).float()
             stochastic_steps = [int(s) for s in torch.nonzero(out.stochastic).flatten()]
             epochs = args.ppo_epochs if args.rl_algo == "ppo" else 1
-            stats = {"loss": 0.0, "ratio_first": 0.0, "kl": 0.0}
-            for epoch in range(epochs):
+            per_step = 1.0 / (len(stochastic_steps) * epochs)  # the logged loss and KL are means over steps and epochs
+            stats = {"loss": torch.zeros((), device=device), "ratio_first": None, "kl": torch.zeros((), device=device)}
+            for _ in range(epochs):
                 optimizer.zero_grad(set_to_none=True)
-                for index, denoise_step in enumerate(stochastic_steps):
+                for denoise_step in stochastic_steps:
                     log_prob, mean, std = step_log_prob(diffusion, planner_net, out.chain, denoise_step, free_mask)
                     loss, ratio = policy_gradient_loss(log_prob, out.log_probs[denoise_step], advantages,
                                                        weights[denoise_step], args.rl_algo, args.ppo_clip)
@@ -843,15 +845,14 @@ def main(args: Args) -> None:
                                                                             denoise_step, None)
                         kl = kl_to_reference(mean, reference_mean, std, free_mask)
                         loss = loss + args.kl_coef * kl
-                        stats["kl"] += kl.item() / len(stochastic_steps) / epochs
-                    check_finite(loss.item(), stage, step)
+                        stats["kl"] += kl.detach() * per_step
                     (loss / len(stochastic_steps)).backward()
-                    stats["loss"] += loss.item() / len(stochastic_steps) / epochs
-                    if epoch == 0 and index == 0:
-                        stats["ratio_first"] = ratio.mean().item()
+                    stats["loss"] += loss.detach() * per_step
+                    if stats["ratio_first"] is None:
+                        stats["ratio_first"] = ratio.detach().mean()
                 nn.utils.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
-            stats["plan_reward"] = planner.rewards(out.x0).mean().item()
+            stats["plan_reward"] = planner.rewards(out.x0).mean()
             return stats
         return step_fn
 
@@ -873,12 +874,13 @@ def main(args: Args) -> None:
                     with torch.no_grad(), reference() as reference_model:
                         reference_mean, _ = diffusion.step_distribution(reference_model, latent, denoise_step, None)
                     loss = loss + args.kl_coef * kl_to_reference(mean, reference_mean, std, (~known).float()) / last_k
-            check_finite(loss.item(), stage, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
-            return {"loss": loss.item(), "plan_reward": planner.rewards(out.x0).mean().item()}
+            with torch.no_grad():
+                plan_reward = planner.rewards(out.x0).mean()  # without the entropy bonus, as the other methods log it
+            return {"loss": loss.detach(), "plan_reward": plan_reward}
         return step_fn
 
     def dpo_step(stage, optimizer):
@@ -894,12 +896,11 @@ def main(args: Args) -> None:
             losers = grouped[rows, order[:, args.align_samples - half:].flip(1)].flatten(0, 1)
             known, _ = inpaint_current_state(states, args.horizon, x_dim, half)
             loss, accuracy = dpo_loss(diffusion, planner_net, reference, winners, losers, known, args.dpo_beta)
-            check_finite(loss.item(), stage, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
-            return {"loss": loss.item(), "implicit_accuracy": accuracy.item()}
+            return {"loss": loss.detach(), "implicit_accuracy": accuracy}
         return step_fn
 
     def elbo_draws():
@@ -935,12 +936,11 @@ def main(args: Args) -> None:
             targets = candidates[accepted]
             train_known = random_prefix_masks(len(targets), args.horizon, state_dim, x_dim, device)
             loss = diffusion.loss(planner_net, targets, None, mask=~train_known, known=train_known).mean()
-            check_finite(loss.item(), stage, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
-            return {"loss": loss.item(), "accepted_fraction": accepted.float().mean().item()}
+            return {"loss": loss.detach(), "accepted_fraction": accepted.float().mean()}
         return step_fn
 
     def cascade_step(stage, optimizer):
@@ -958,12 +958,11 @@ def main(args: Args) -> None:
                 conditions, targets = grouped[rows, order[:, 0]], grouped[rows, order[:, -1]]
             known = random_prefix_masks(len(targets), args.horizon, state_dim, x_dim, device)
             loss = diffusion.loss(planner.cascade, targets, conditions, mask=~known, known=known).mean()
-            check_finite(loss.item(), stage, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(cascade_unet.parameters(), 1.0)
             optimizer.step()
-            return {"loss": loss.item()}
+            return {"loss": loss.detach()}
         return step_fn
 
     method_builders = dict(rl=(rl_step, "rl_steps"), qvpg=(qvpg_step, "qvpg_steps"), dpo=(dpo_step, "dpo_steps"),
