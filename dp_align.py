@@ -328,32 +328,6 @@ def validate(args: Args) -> list[str]:
 # ======================================================================================================================
 # Networks and data in model coordinates
 # ======================================================================================================================
-class ClippedSampleDiffusion(Diffusion):
-    """Every sampler step clips the predicted clean chunk to the action box [-1, 1] (Diffusion Policy's clip_sample).
-
-    The first steps of a discrete schedule have alpha ~ 0, where x0_hat = (x - sigma eps_hat) / alpha amplifies small
-    prediction errors (e.g. from a fine-tuned adapter) into huge actions. `sample` builds every step from
-    `step_distribution`, so the clipped steps are also the ones whose log-probabilities RL recomputes.
-    """
-
-    def step_distribution(self, model, x, step, cond):
-        return super().step_distribution(lambda x_t, t, c: self.clip_prediction(model(x_t, t, c), x_t, t), x, step,
-                                         cond)
-
-    def clip_prediction(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network output that implies the clipped x0_hat, in the network's own parametrisation."""
-        if self.prediction == "x0":
-            return prediction.clamp(-1, 1)
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        if self.sampler == "fm":  # x_t = (1 - t) x0 + t z, v = z - x0
-            t = t.reshape(shape)
-            return (x - (x - t * prediction).clamp(-1, 1)) / t
-        alpha, sigma = (level.reshape(shape) for level in self.noise_levels(t))
-        if self.prediction == "eps":
-            return (x - alpha * ((x - sigma * prediction) / alpha).clamp(-1, 1)) / sigma
-        return (alpha * x - (alpha * x - sigma * prediction).clamp(-1, 1)) / sigma  # VP velocity
-
-
 def build_denoiser(args: Args, action_dim: int, cond_dim: int, extra_in_dim: int = 0) -> nn.Module:
     """The Diffusion Policy network over an action chunk (Tp, A), conditioned on the flattened observation history."""
     if args.backbone == "dit":
@@ -495,9 +469,8 @@ class Workspace:
         self.action_dim = data.actions.shape[1]
         self.chunk_shape = (args.pred_horizon, self.action_dim)
         self.cond_dim = args.obs_horizon * self.state_dim
-        diffusion_type = ClippedSampleDiffusion if args.clip_sample else Diffusion
-        self.diffusion = diffusion_type(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
-                                        prediction=args.prediction or None)
+        self.diffusion = Diffusion(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
+                                   prediction=args.prediction or None, clip_x0=1.0 if args.clip_sample else None)
         self.foundation_net = build_denoiser(args, self.action_dim, self.cond_dim).to(self.device)
         self.foundation = copy.deepcopy(self.foundation_net).requires_grad_(False)  # the EMA: the foundation used
         self.foundation_optimizer = torch.optim.Adam(self.foundation_net.parameters(), lr=args.foundation_lr)

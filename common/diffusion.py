@@ -119,6 +119,8 @@ class Diffusion:
 
     `prediction` is what the network outputs: "eps" (noise), "x0" (clean data) or "velocity". For VP processes the
     velocity is alpha z - sigma x0 (Salimans & Ho); for fm it is z - x0 and is the only choice.
+
+    `clip_x0`, when set, clamps the clean sample predicted at every sampler step to [-clip_x0, clip_x0].
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class Diffusion:
         fm_solver: str = "euler",
         sde: VPSDE | None = None,
         t_min: float = 1e-3,
+        clip_x0: float | None = None,
     ):
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -150,6 +153,8 @@ class Diffusion:
             raise UserError(f"eta applies only to the ddim sampler (ddpm is ddim with eta=1), not {sampler!r}")
         if not 0 < t_min < 1:
             raise UserError(f"t_min must be in (0, 1), got {t_min}")
+        if clip_x0 is not None and clip_x0 <= 0:
+            raise UserError(f"clip_x0 must be > 0 (or None for no clipping), got {clip_x0}")
         if sampler == "fm":
             if prediction not in (None, "velocity"):
                 raise UserError(f"the fm sampler needs velocity prediction, got prediction={prediction!r}")
@@ -171,6 +176,7 @@ class Diffusion:
         self.fm_solver = fm_solver
         self.sde = sde if sde is not None else VPSDE()
         self.t_min = t_min
+        self.clip_x0 = clip_x0
         self._alphas_cumprod_on: dict[torch.device, Tensor] = {}
         self._build_step_tables()
 
@@ -323,6 +329,8 @@ class Diffusion:
             raise UserError(f"step {step} out of range for a {self.steps}-step sampler")
         if self.sampler == "dpm_solver++":
             raise UserError("dpm_solver++ is a deterministic multistep solver; it has no per-step distribution")
+        if self.clip_x0 is not None:
+            model = self.with_clipped_x0(model)
         if self.sampler in DISCRETE_SAMPLERS:
             alpha, sigma = self.step_alpha[step], self.step_sigma[step]
             output = model(x, self._network_time(self.step_time[step], x), cond)
@@ -343,8 +351,33 @@ class Diffusion:
         velocity_end = model(euler, self._network_time(nxt, x), cond)
         return x - (now - nxt) * 0.5 * (velocity + velocity_end), 0.0
 
+    def with_clipped_x0(self, model):
+        """`model` with its output replaced by the one that implies the clean sample clamped to [-clip_x0, clip_x0]
+        (Diffusion Policy's clip_sample). Early steps of a discrete schedule have alpha ~ 0, where
+        x0_hat = (x - sigma eps_hat) / alpha turns small prediction errors into huge samples. The final samples of
+        ddpm, ddim and fm (Euler) lie in the box, since their last step returns x0_hat; sm and dpm_solver++ only
+        clip the prediction of each step."""
+        bound = self.clip_x0
+
+        def clipped(x: Tensor, t: Tensor, cond):
+            prediction = model(x, t, cond)
+            if self.prediction == "x0":
+                return prediction.clamp(-bound, bound)
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            if self.sampler == "fm":  # x_t = (1 - t) x0 + t z, v = z - x0
+                t = t.reshape(shape)
+                return (x - (x - t * prediction).clamp(-bound, bound)) / t
+            alpha, sigma = (level.reshape(shape) for level in self.noise_levels(t))
+            if self.prediction == "eps":
+                return (x - alpha * ((x - sigma * prediction) / alpha).clamp(-bound, bound)) / sigma
+            return (alpha * x - (alpha * x - sigma * prediction).clamp(-bound, bound)) / sigma  # VP velocity
+
+        return clipped
+
     def _dpm_solver_step(self, model, x, step, cond, previous_x0):
         """DPM-Solver++(2M) from step_time[step] to step_time[step + 1]; first order when there is no history."""
+        if self.clip_x0 is not None:
+            model = self.with_clipped_x0(model)
         alpha, sigma = self.step_alpha[step], self.step_sigma[step]
         output = model(x, self._network_time(self.step_time[step], x), cond)
         x0_hat, _ = self._split(output, x, alpha, sigma)
