@@ -58,10 +58,16 @@ def planner_jobs(out: Path, seeds) -> list[Job]:
             for (planner, sampler) in PAPER_PLANNERS for data in DATASETS for seed in seeds]
 
 
+def policy_job(out: Path, selection: str, data: str, seed: int) -> Job:
+    """`dp_align.py --align rl,dpo,sft` from scratch: one cell of Table 3. The expectation runs are also the base runs
+    of the methods table (its `rl,dpo,sft x1` row), whose foundation and critic every single-method run loads."""
+    tags = {"selection": selection, "data": data} | ({"method": "rl,dpo,sft x1"} if selection == "expectation" else {})
+    return Job("dp_align", ["--env", f"nav1d-{data}", "--selection", selection, "--align", "rl,dpo,sft"], seed,
+               out / f"policy_{selection}_{data}_s{seed}", tags)
+
+
 def policy_jobs(out: Path, seeds) -> list[Job]:
-    return [Job("dp_align", ["--env", f"nav1d-{data}", "--selection", selection, "--align", "rl,dpo,sft"], seed,
-                out / f"policy_{selection}_{data}_s{seed}", {"selection": selection, "data": data})
-            for selection in PAPER_POLICIES for data in DATASETS for seed in seeds]
+    return [policy_job(out, selection, data, seed) for selection in PAPER_POLICIES for data in DATASETS for seed in seeds]
 
 
 def eda_job(out: Path, data: str, seed: int) -> Job:
@@ -75,8 +81,7 @@ def method_jobs(out: Path, seeds) -> tuple[list[Job], list[Job]]:
     base, variants = [], []
     for data in DATASETS:
         for seed in seeds:
-            base_job = Job("dp_align", ["--env", f"nav1d-{data}", "--align", "rl,dpo,sft"], seed,
-                           out / f"method_base_{data}_s{seed}", {"method": "rl,dpo,sft x1", "data": data})
+            base_job = policy_job(out, "expectation", data, seed)
             base += [base_job, eda_job(out, data, seed)]
             checkpoint = str(base_job.run_dir / "checkpoints" / "latest.pt")
             shared = ["--env", f"nav1d-{data}", "--load-foundation", checkpoint, "--load-critic", checkpoint]
@@ -128,15 +133,18 @@ def before_after(jobs: list[Job]) -> tuple[str, str, str, str]:
     return f"{mean_std(before)} → {mean_std(after)}", spread[0], coherency_text, str(len(summaries))
 
 
-def header_lines(title: str, command: str, jobs: list[Job]) -> list[str]:
+def header_lines(title: str, command: str, jobs: list[Job], paper_columns: bool = False) -> list[str]:
     devices = sorted({job.summary()["device"] for job in jobs if job.summary() is not None}) or ["—"]
     run_commits = sorted({commit for job in jobs if job.summary() is not None for commit in job.commits()}) or ["—"]
-    return [f"# {title}", "", f"Command: `{command}`  ",
-            f"Runs made at commit {', '.join(f'`{c}`' for c in run_commits)} (of the scripts they ran); "
-            f"table written at `{git_commit()}`  ", f"Device: {', '.join(devices)}",
-            "", "Returns are mean ± std over seeds of the per-seed mean evaluation return (Nav1D returns lie in [0, 8];",
-            "exact optimum 7.23, uniform-random actions 1.40). 'episode std' is the spread of returns over evaluation",
-            "episodes (mean over seeds), before → after. Paper numbers are for the paper's own Nav1D.", ""]
+    lines = [f"# {title}", "", f"Command: `{command}`  ",
+             f"Runs made at commit {', '.join(f'`{c}`' for c in run_commits)} (of the scripts they ran); "
+             f"table written at `{git_commit()}`  ", f"Device: {', '.join(devices)}",
+             "", "Returns are mean ± std over seeds of the per-seed mean evaluation return (Nav1D returns lie in [0, 8];",
+             "exact optimum 7.23, uniform-random actions 1.40)."]
+    if paper_columns:
+        lines += ["'episode std' is the spread of returns over evaluation episodes (mean over seeds), before → after.",
+                  "Paper numbers are for the paper's own Nav1D, whose constants are not published: compare trend and scale."]
+    return lines + [""]
 
 
 def planners_table(jobs: list[Job], command: str) -> str:
@@ -148,7 +156,7 @@ def planners_table(jobs: list[Job], command: str) -> str:
             rows.append([f"{'Diffuser' if planner == 'diffuser' else 'DD'} {sampler}", data, ours, spread, coherency,
                          n, PAPER_PLANNERS[(planner, sampler)][data]])
     header = ["planner", "dataset", "return before → after (ours)", "episode std", "plan coherency", "seeds", "paper"]
-    return "\n".join(header_lines("Nav1D, planning-based DMC (paper Table 2)", command, jobs)
+    return "\n".join(header_lines("Nav1D, planning-based DMC (paper Table 2)", command, jobs, paper_columns=True)
                      + [markdown_table(header, rows)]) + "\n"
 
 
@@ -160,7 +168,7 @@ def policies_table(jobs: list[Job], command: str) -> str:
             ours, spread, coherency, n = before_after(group)
             rows.append([f"DP {selection}", data, ours, spread, coherency, n, PAPER_POLICIES[selection][data]])
     header = ["policy", "dataset", "return before → after (ours)", "episode std", "policy coherency", "seeds", "paper"]
-    return "\n".join(header_lines("Nav1D, policy-based DMC (paper Table 3)", command, jobs)
+    return "\n".join(header_lines("Nav1D, policy-based DMC (paper Table 3)", command, jobs, paper_columns=True)
                      + [markdown_table(header, rows)]) + "\n"
 
 
@@ -175,8 +183,11 @@ def methods_table(jobs: list[Job], command: str) -> str:
             wall = mean_std([s["wall_time_s"] for s in summaries], 0)
             rows.append([method, data, ours, normalized, coherency, wall, n])
     header = ["method", "dataset", "return before → after", "normalised after", "coherency", "wall time (s)", "seeds"]
-    notes = ["All DP rows share one foundation and one critic per dataset and seed (the `rl,dpo,sft x1` run); EDA",
-             "trains its own behavior model and critic (its method needs the scalar-energy behavior model).", ""]
+    notes = ["All DP rows share one foundation and one critic per dataset and seed (those of the `rl,dpo,sft x1` run,",
+             "which the others load); EDA trains its own behavior model and critic (its method needs the scalar-energy",
+             "behavior model). A run that loads the foundation evaluates it again with its own sampling noise, so its",
+             "'before' differs from the `x1` row's by evaluation noise only, and its wall time leaves out the",
+             "foundation and critic training (one thread per run).", ""]
     return "\n".join(header_lines("Nav1D: EDA against each alignment method alone", command, jobs) + notes
                      + [markdown_table(header, rows)]) + "\n"
 
@@ -230,6 +241,8 @@ def plot_figures(method_jobs_: list[Job], ratio_jobs: list[Job]) -> None:
             axis.plot(range(len(names)), mean, marker="o", label="after each method (±1 std over seeds)")
             axis.fill_between(range(len(names)), mean - std, mean + std, alpha=0.25)
             axis.axhline(mean[0], color="black", linestyle="--", linewidth=1, label="foundation")
+            if key == "return_mean":
+                axis.axhline(nav1d.optimal_return(), color="grey", linestyle=":", linewidth=1, label="exact optimum")
             axis.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
             axis.set_title(f"DP expectation, nav1d-{data}")
             axis.set_ylabel(ylabel)
@@ -244,6 +257,7 @@ def plot_figures(method_jobs_: list[Job], ratio_jobs: list[Job]) -> None:
         for stage, label in (("aligned", "EDA aligned"), ("behavior", "behavior model")):
             values = [[s["stages"][stage]["return_mean"] for r, s in summaries if r == ratio] for ratio in ratios]
             axis.errorbar(ratios, [np.mean(v) for v in values], [np.std(v) for v in values], marker="o", label=label)
+        axis.axhline(nav1d.optimal_return(), color="grey", linestyle=":", linewidth=1, label="exact optimum")
         axis.set_xscale("log")
         axis.set_xlabel("fraction of states with Q-labelled candidates")
         axis.set_ylabel("return (nav1d-full)")

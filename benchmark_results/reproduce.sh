@@ -11,7 +11,7 @@ python benchmark_results/bench_eda_speed.py --repeats 3 --candidate-states 64 --
 python benchmark_results/dp_speed.py
 python benchmark_results/diffuser_speed.py --threads 1 2
 
-# Nav1D tables and figures (seeds 0-2; --jobs = runs in parallel, one thread each).
+# Nav1D tables and figures (--jobs = runs in parallel, one thread each). The planner grid is the slow one
+# (~4.5 CPU-minutes per run), hence seeds 0-2 there; policies and methods share their DP expectation runs.
 python benchmark_results/nav1d_tables.py --tables planners --seeds 0 1 2 --jobs 2
-python benchmark_results/nav1d_tables.py --tables policies --seeds 0 1 2 --jobs 1
-python benchmark_results/nav1d_tables.py --tables methods eda_ratio --seeds 0 1 2 --jobs 2
+python benchmark_results/nav1d_tables.py --tables policies methods eda_ratio --seeds 0 1 2 3 4 --jobs 2

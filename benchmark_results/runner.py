@@ -105,7 +105,7 @@ def device_name(device: str) -> str:
 
 
 def mean_std(values: list[float], digits: int = 2) -> str:
-    """'mean ± std (n)' over seeds."""
+    """'mean ± std' over seeds (population std, as the spread of the seeds that were run)."""
     if not values:
         return "—"
     array = np.asarray(values, dtype=np.float64)

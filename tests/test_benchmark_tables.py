@@ -1,0 +1,57 @@
+"""The benchmark runner's bookkeeping: which runs the tables share, and how a table turns summaries into numbers."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark_results import nav1d_tables  # noqa: E402
+from benchmark_results.runner import run_jobs  # noqa: E402
+
+
+def write_summary(job, before: float, after: float) -> None:
+    job.run_dir.mkdir(parents=True)
+    stage = lambda value: {"return_mean": value, "return_std": 0.5, "normalized_mean": 10 * value, "coherency": 1.0}
+    job.summary_path.write_text(json.dumps({"stages": {"foundation": stage(before), "aligned": stage(after)},
+                                            "wall_time_s": 100.0, "device": "cpu"}))
+
+
+def test_methods_share_the_policy_tables_expectation_runs(tmp_path):
+    base, variants = nav1d_tables.method_jobs(tmp_path, [0, 1])
+    expectation = {job.run_dir for job in nav1d_tables.policy_jobs(tmp_path, [0, 1])
+                   if job.tags["selection"] == "expectation"}
+    dp_bases = {job.run_dir for job in base if job.script == "dp_align"}
+    assert dp_bases == expectation
+    for job in variants:  # every single-method run loads the foundation and critic of its own seed's base run
+        checkpoint = Path(job.args[job.args.index("--load-foundation") + 1])
+        assert checkpoint.parent.parent.name == f"policy_expectation_{job.tags['data']}_s{job.seed}"
+        assert job.args[job.args.index("--load-critic") + 1] == str(checkpoint)
+
+
+def test_eda_ratio_points_load_the_full_data_run_of_their_seed(tmp_path):
+    full, variants = nav1d_tables.eda_ratio_jobs(tmp_path, [3])
+    assert [job.tags["ratio"] for job in full] == [1.0]
+    assert sorted(job.tags["ratio"] for job in variants) == sorted(r for r in nav1d_tables.DATA_RATIOS if r < 1)
+    assert all(str(full[0].run_dir) in job.args[job.args.index("--load-behavior") + 1] for job in variants)
+
+
+def test_table_cells_are_mean_and_std_over_seeds(tmp_path):
+    base, variants = nav1d_tables.method_jobs(tmp_path, [0, 1])
+    qvpg_full = [j for j in variants if j.tags == {"method": "qvpg", "data": "full"}]
+    for job, (before, after) in zip(qvpg_full, [(1.0, 5.0), (2.0, 6.0)]):
+        write_summary(job, before, after)
+    table = nav1d_tables.methods_table(base + variants, "cmd")
+    row = next(line for line in table.splitlines() if line.startswith("| qvpg | full |"))
+    assert row == "| qvpg | full | 1.50 ± 0.50 → 5.50 ± 0.50 | 55.0 ± 5.0 | 1.00 → 1.00 | 100 ± 0 | 2 |"
+    empty = next(line for line in table.splitlines() if line.startswith("| dpo | full |"))
+    assert empty.endswith("| 0 |")  # a method with no finished run shows no numbers rather than zeros
+
+
+def test_runner_skips_finished_runs_and_reports_failures(tmp_path):
+    done = nav1d_tables.eda_job(tmp_path, "full", 0)
+    write_summary(done, 1.0, 2.0)
+    broken = nav1d_tables.Job("eda_d4rl", ["--env", "no-such-env"], 0, tmp_path / "broken")
+    assert run_jobs([done, broken], parallel=2) == [broken]
+    assert "no-such-env" in broken.log_path.read_text()
