@@ -8,8 +8,9 @@ Tables (markdown, written next to this file):
 - nav1d_methods.md  : EDA and every alignment method alone, and rl,dpo,sft with 1-3 passes, all methods from the
                       same DP foundation and critic (one base run per dataset and seed, loaded by the others)
 - nav1d_eda_data_ratio.md : EDA on nav1d-full with 1%-100% of the states Q-labelled (paper Figure 5a)
-Figures (PNG): nav1d_task.png, nav1d_learning_curves.png (return after every method of every pass, +-1 std over seeds,
-foundation level dashed), nav1d_coherency_passes.png, eda_data_ratio.png (EDA's return against the Q-labelled fraction).
+Figures (PNG): nav1d_task.png, nav1d_learning_curves.png (DP: return after every method of every pass, +-1 std over
+seeds, foundation level dashed), nav1d_coherency_passes.png, nav1d_planner_curves.png (every planner: return and plan
+coherency after every method), eda_data_ratio.png (EDA's return against the Q-labelled fraction).
 
 Runs go to --out (default runs/benchmark, not committed); finished runs are reused, so the command can be
 interrupted and started again. Each table names the command and commit that produced it.
@@ -216,6 +217,41 @@ def stage_curve(summaries: list[dict], key: str) -> tuple[list[str], np.ndarray]
     return names, np.array([[s["stages"][name][key] for name in names] for s in summaries])
 
 
+def plot_planner_curves(jobs: list[Job]) -> None:
+    """Return and plan coherency after every method of the planners' sequence (paper Figure 6 for Diffuser and DD)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import nav1d
+
+    figure, axes = plt.subplots(2, len(DATASETS), figsize=(4 * len(DATASETS), 6), sharey="row")
+    for column, data in enumerate(DATASETS):
+        for planner, sampler in PAPER_PLANNERS:
+            summaries = [s for s in (j.summary() for j in jobs if j.tags == {"planner": planner, "sampler": sampler,
+                                                                               "data": data}) if s is not None]
+            if not summaries:
+                continue
+            label = f"{'Diffuser' if planner == 'diffuser' else 'DD'} {sampler}"
+            for row, key in enumerate(("return_mean", "coherency")):
+                _, values = stage_curve(summaries, key)
+                mean, std = values.mean(0), values.std(0)
+                line, = axes[row, column].plot(range(len(mean)), mean, marker="o", label=label)
+                axes[row, column].fill_between(range(len(mean)), mean - std, mean + std, alpha=0.15,
+                                               color=line.get_color())
+        axes[0, column].axhline(nav1d.optimal_return(), color="grey", linestyle=":", linewidth=1, label="exact optimum")
+        axes[0, column].set_title(f"nav1d-{data}")
+        for row, ylabel in enumerate(("return", "plan coherency")):
+            axes[row, column].set_xticks(range(4), ["foundation", "rl / qvpg", "dpo", "sft"], fontsize=8)
+            axes[row, column].set_ylabel(ylabel)
+    axes[0, -1].legend(fontsize=7, loc="center")
+    figure.suptitle("Planners after every method of one pass (±1 std over seeds; qvpg for DDIM and FM)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(HERE / "nav1d_planner_curves.png", dpi=120)
+    plt.close(figure)
+
+
 def plot_figures(method_jobs_: list[Job], ratio_jobs: list[Job]) -> None:
     import matplotlib
 
@@ -298,6 +334,7 @@ def main() -> None:
         sys.exit("no finished runs under --out to report on")
     if planners:
         (HERE / "nav1d_planners.md").write_text(planners_table(planners, command))
+        plot_planner_curves(planners)
     if policies:
         (HERE / "nav1d_policies.md").write_text(policies_table(policies, command))
     if base:
