@@ -112,10 +112,15 @@ def eda_ratio_jobs(out: Path, seeds) -> tuple[list[Job], list[Job]]:
 # ---------------------------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------------------------
+def stage_stats(summary: dict, name: str) -> dict:
+    """A stage's evaluation, with its coherency also where the script reports coherency outside the stages (EDA)."""
+    coherency = summary.get("coherency", {})
+    return summary["stages"][name] | ({"coherency": coherency[name]} if name in coherency else {})
+
+
 def first_and_last(summary: dict) -> tuple[dict, dict]:
-    stages = summary["stages"]
-    before = stages.get("foundation", stages.get("behavior"))
-    return before, stages["aligned"]
+    return stage_stats(summary, "foundation" if "foundation" in summary["stages"] else "behavior"), \
+        stage_stats(summary, "aligned")
 
 
 def before_after(jobs: list[Job]) -> tuple[str, str, str, str]:

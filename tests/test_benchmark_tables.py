@@ -55,3 +55,13 @@ def test_runner_skips_finished_runs_and_reports_failures(tmp_path):
     broken = nav1d_tables.Job("eda_d4rl", ["--env", "no-such-env"], 0, tmp_path / "broken")
     assert run_jobs([done, broken], parallel=2) == [broken]
     assert "no-such-env" in broken.log_path.read_text()
+
+
+def test_eda_coherency_is_read_from_the_summarys_coherency_block(tmp_path):
+    job = nav1d_tables.eda_job(tmp_path, "expert", 0)
+    job.run_dir.mkdir(parents=True)
+    stage = {"return_mean": 7.0, "return_std": 0.1, "normalized_mean": 95.0}
+    job.summary_path.write_text(json.dumps({"stages": {"behavior": stage, "aligned": stage}, "wall_time_s": 1.0,
+                                            "device": "cpu", "coherency": {"behavior": 0.8, "aligned": 0.7}}))
+    table = nav1d_tables.methods_table([job], "cmd")
+    assert "| EDA | expert | 7.00 ± 0.00 → 7.00 ± 0.00 | 95.0 ± 0.0 | 0.80 → 0.70 |" in table
