@@ -43,6 +43,7 @@ PAPER_POLICIES = {
     "expectation": {"partial": "1.10 → 3.91", "full": "1.32 → 5.98", "expert": "5.43 → 5.80"},
     "idql": {"partial": "2.69 → 4.42", "full": "4.61 → 6.24", "expert": "6.89 → 7.06"},
 }
+CODE = ("*.py", "common")  # what a table's numbers depend on; the tables and figures themselves are not code
 SINGLE_METHODS = ("rl", "qvpg", "dpo", "sft", "cascade")
 DATA_RATIOS = (0.01, 0.03, 0.1, 0.3, 1.0)  # fraction of dataset states given Q-labelled candidates
 
@@ -142,9 +143,9 @@ def before_after(jobs: list[Job]) -> tuple[str, str, str, str]:
 def header_lines(title: str, command: str, jobs: list[Job], paper_columns: bool = False) -> list[str]:
     devices = sorted({job.summary()["device"] for job in jobs if job.summary() is not None}) or ["—"]
     run_commits = sorted({commit for job in jobs if job.summary() is not None for commit in job.commits()}) or ["—"]
-    lines = [f"# {title}", "", f"Command: `{command}`  ",
+    lines = [f"# {title}", "", f"Command: {command}  ",
              f"Runs made at commit {', '.join(f'`{c}`' for c in run_commits)} (of the scripts they ran); "
-             f"table written at `{git_commit()}`  ", f"Device: {', '.join(devices)}",
+             f"table written at `{git_commit(CODE)}`  ", f"Device: {', '.join(devices)}",
              "", "Returns are mean ± std over seeds of the per-seed mean evaluation return (Nav1D returns lie in [0, 8];",
              "exact optimum 7.23, uniform-random actions 1.40)."]
     if paper_columns:
@@ -318,7 +319,9 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only rebuild tables/figures from finished runs")
     options = parser.parse_args()
     out = options.out.resolve()
-    command = "python benchmark_results/nav1d_tables.py " + shlex.join(sys.argv[1:])
+    arguments = shlex.join(a for a in sys.argv[1:] if a != "--report-only")
+    command = f"`python benchmark_results/nav1d_tables.py {arguments}`" + (
+        " (this file rebuilt from the finished runs with `--report-only`)" if options.report_only else "")
 
     planners = planner_jobs(out, options.seeds) if "planners" in options.tables else []
     policies = policy_jobs(out, options.seeds) if "policies" in options.tables else []
