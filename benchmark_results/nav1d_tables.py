@@ -144,7 +144,8 @@ def header_lines(title: str, command: str, jobs: list[Job], paper_columns: bool 
     devices = sorted({job.summary()["device"] for job in jobs if job.summary() is not None}) or ["—"]
     run_commits = sorted({commit for job in jobs if job.summary() is not None for commit in job.commits()}) or ["—"]
     lines = [f"# {title}", "", f"Command: {command}  ",
-             f"Runs made at commit {', '.join(f'`{c}`' for c in run_commits)} (of the scripts they ran); "
+             f"Runs made with the code of commit {', '.join(f'`{c}`' for c in run_commits)} (the last change to the "
+             f"scripts they ran); "
              f"table written at `{git_commit(CODE)}`  ", f"Device: {', '.join(devices)}",
              "", "Returns are mean ± std over seeds of the per-seed mean evaluation return (Nav1D returns lie in [0, 8];",
              "exact optimum 7.23, uniform-random actions 1.40)."]

@@ -52,8 +52,22 @@ class Job:
         """One line per launch of this run (a resumed run may span commits): the commit its code came from."""
         return self.run_dir.parent / "logs" / f"{self.run_dir.name}.commits"
 
+    @property
+    def code_paths(self) -> tuple[str, ...]:
+        """The files whose version decides this run's numbers."""
+        return f"{self.script}.py", "nav1d.py", "common"
+
     def commits(self) -> list[str]:
-        return self.commits_path.read_text().split() if self.commits_path.exists() else []
+        """The commits that last changed this run's code, as of each launch ('+uncommitted' kept)."""
+        if not self.commits_path.exists():
+            return []
+        versions = []
+        for head in self.commits_path.read_text().split():
+            commit, dirty, _ = head.partition("+")
+            result = subprocess.run(["git", "log", "-1", "--format=%h", commit, "--", *self.code_paths],
+                                    cwd=REPO_ROOT, capture_output=True, text=True)
+            versions.append((result.stdout.strip() or commit) + ("+uncommitted" if dirty else ""))
+        return versions
 
 
 def run_jobs(jobs: list[Job], parallel: int) -> list[Job]:
@@ -71,7 +85,7 @@ def run_jobs(jobs: list[Job], parallel: int) -> list[Job]:
         log_path = job.log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(job.commits_path, "a") as commits:
-            commits.write(git_commit((f"{job.script}.py", "nav1d.py", "common")) + "\n")
+            commits.write(git_commit(job.code_paths) + "\n")
         start = time.time()
         with open(log_path, "w") as log:
             result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

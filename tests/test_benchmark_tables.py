@@ -1,10 +1,10 @@
 """The benchmark runner's bookkeeping: which runs the tables share, and how a table turns summaries into numbers."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_results import nav1d_tables  # noqa: E402
@@ -65,3 +65,14 @@ def test_eda_coherency_is_read_from_the_summarys_coherency_block(tmp_path):
                                             "device": "cpu", "coherency": {"behavior": 0.8, "aligned": 0.7}}))
     table = nav1d_tables.methods_table([job], "cmd")
     assert "| EDA | expert | 7.00 ± 0.00 → 7.00 ± 0.00 | 95.0 ± 0.0 | 0.80 → 0.70 |" in table
+
+
+def test_run_commits_name_the_last_change_to_the_runs_code(tmp_path):
+    job = nav1d_tables.eda_job(tmp_path, "full", 0)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                          cwd=nav1d_tables.HERE).stdout.strip()
+    job.commits_path.parent.mkdir(parents=True)
+    job.commits_path.write_text(f"{head}\n{head}+uncommitted\n")
+    last_change = subprocess.run(["git", "log", "-1", "--format=%h", "--", *job.code_paths], capture_output=True,
+                                 text=True, check=True, cwd=nav1d_tables.HERE.parent).stdout.strip()
+    assert job.commits() == [last_change, f"{last_change}+uncommitted"]
