@@ -12,6 +12,6 @@ python benchmark_results/dp_speed.py
 python benchmark_results/diffuser_speed.py --threads 1 2
 
 # Nav1D tables and figures (--jobs = runs in parallel, one thread each). The planner grid is the slow one
-# (~4.5 CPU-minutes per run), hence seeds 0-2 there; policies and methods share their DP expectation runs.
-python benchmark_results/nav1d_tables.py --tables planners --seeds 0 1 2 --jobs 2
+# (~4.5 CPU-minutes per run), hence seeds 0-3 there; policies and methods share their DP expectation runs.
+python benchmark_results/nav1d_tables.py --tables planners --seeds 0 1 2 3 --jobs 2
 python benchmark_results/nav1d_tables.py --tables policies methods eda_ratio --seeds 0 1 2 3 4 --jobs 2
