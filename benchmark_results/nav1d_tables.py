@@ -53,6 +53,10 @@ def align_sequence(sampler: str) -> str:
     return "qvpg,dpo,sft" if sampler in ("ddim", "fm") else "rl,dpo,sft"
 
 
+def planner_label(planner: str, sampler: str) -> str:
+    return f"{'Diffuser' if planner == 'diffuser' else 'DD'} {sampler}"
+
+
 def planner_jobs(out: Path, seeds) -> list[Job]:
     return [Job("diffuser_align", ["--env", f"nav1d-{data}", "--planner", planner, "--sampler", sampler,
                                    "--align", align_sequence(sampler)], seed,
@@ -124,25 +128,32 @@ def first_and_last(summary: dict) -> tuple[dict, dict]:
         stage_stats(summary, "aligned")
 
 
-def before_after(jobs: list[Job]) -> tuple[str, str, str, str]:
-    """'before → after' mean over seeds, the after-return std (mean of per-seed stds), coherency before → after, n."""
-    summaries = [job.summary() for job in jobs if job.summary() is not None]
+def finished(jobs: list[Job], **tags) -> list[dict]:
+    """The summary.json of every finished job whose tags include `tags` (each file read once)."""
+    summaries = (job.summary() for job in jobs if all(job.tags.get(key) == value for key, value in tags.items()))
+    return [summary for summary in summaries if summary is not None]
+
+
+def before_after(summaries: list[dict]) -> tuple[str, str, str, str]:
+    """'before → after' mean over seeds, the episode std before → after (mean of per-seed stds), coherency
+    before → after, n."""
     if not summaries:
         return "—", "—", "—", "0"
     pairs = [first_and_last(summary) for summary in summaries]
     before = [b["return_mean"] for b, _ in pairs]
     after = [a["return_mean"] for _, a in pairs]
-    spread = [f"{np.mean([b['return_std'] for b, _ in pairs]):.2f} → {np.mean([a['return_std'] for _, a in pairs]):.2f}"]
+    spread = f"{np.mean([b['return_std'] for b, _ in pairs]):.2f} → {np.mean([a['return_std'] for _, a in pairs]):.2f}"
     coherency = [(b.get("coherency"), a.get("coherency")) for b, a in pairs]
     coherency_text = "—"
     if all(c is not None for pair in coherency for c in pair):
         coherency_text = f"{np.mean([c[0] for c in coherency]):.2f} → {np.mean([c[1] for c in coherency]):.2f}"
-    return f"{mean_std(before)} → {mean_std(after)}", spread[0], coherency_text, str(len(summaries))
+    return f"{mean_std(before)} → {mean_std(after)}", spread, coherency_text, str(len(summaries))
 
 
 def header_lines(title: str, command: str, jobs: list[Job], paper_columns: bool = False) -> list[str]:
-    devices = sorted({job.summary()["device"] for job in jobs if job.summary() is not None}) or ["—"]
-    run_commits = sorted({commit for job in jobs if job.summary() is not None for commit in job.commits()}) or ["—"]
+    done = [job for job in jobs if job.summary_path.exists()]
+    devices = sorted({summary["device"] for summary in finished(done)}) or ["—"]
+    run_commits = sorted({commit for job in done for commit in job.commits()}) or ["—"]
     lines = [f"# {title}", "", f"Command: {command}  ",
              f"Runs made with the code of commit {', '.join(f'`{c}`' for c in run_commits)} (the last change to the "
              f"scripts they ran); "
@@ -159,11 +170,13 @@ def planners_table(jobs: list[Job], command: str) -> str:
     rows = []
     for planner, sampler in PAPER_PLANNERS:
         for data in DATASETS:
-            group = [j for j in jobs if (j.tags["planner"], j.tags["sampler"], j.tags["data"]) == (planner, sampler, data)]
-            ours, spread, coherency, n = before_after(group)
-            rows.append([f"{'Diffuser' if planner == 'diffuser' else 'DD'} {sampler}", data, ours, spread, coherency,
-                         n, PAPER_PLANNERS[(planner, sampler)][data]])
-    header = ["planner", "dataset", "return before → after (ours)", "episode std", "plan coherency", "seeds", "paper"]
+            summaries = finished(jobs, planner=planner, sampler=sampler, data=data)
+            ours, spread, coherency, n = before_after(summaries)
+            wall = mean_std([s["wall_time_s"] for s in summaries], 0)
+            rows.append([planner_label(planner, sampler), data, ours, spread, coherency, wall, n,
+                         PAPER_PLANNERS[(planner, sampler)][data]])
+    header = ["planner", "dataset", "return before → after (ours)", "episode std", "plan coherency", "wall time (s)",
+              "seeds", "paper"]
     return "\n".join(header_lines("Nav1D, planning-based DMC (paper Table 2)", command, jobs, paper_columns=True)
                      + [markdown_table(header, rows)]) + "\n"
 
@@ -172,8 +185,7 @@ def policies_table(jobs: list[Job], command: str) -> str:
     rows = []
     for selection in PAPER_POLICIES:
         for data in DATASETS:
-            group = [j for j in jobs if (j.tags["selection"], j.tags["data"]) == (selection, data)]
-            ours, spread, coherency, n = before_after(group)
+            ours, spread, coherency, n = before_after(finished(jobs, selection=selection, data=data))
             rows.append([f"DP {selection}", data, ours, spread, coherency, n, PAPER_POLICIES[selection][data]])
     header = ["policy", "dataset", "return before → after (ours)", "episode std", "policy coherency", "seeds", "paper"]
     return "\n".join(header_lines("Nav1D, policy-based DMC (paper Table 3)", command, jobs, paper_columns=True)
@@ -184,9 +196,8 @@ def methods_table(jobs: list[Job], command: str) -> str:
     rows = []
     for method in ["EDA", *SINGLE_METHODS, "rl,dpo,sft x1", "rl,dpo,sft x2", "rl,dpo,sft x3"]:
         for data in DATASETS:
-            group = [j for j in jobs if (j.tags["method"], j.tags["data"]) == (method, data)]
-            summaries = [j.summary() for j in group if j.summary() is not None]
-            ours, _, coherency, n = before_after(group)
+            summaries = finished(jobs, method=method, data=data)
+            ours, _, coherency, n = before_after(summaries)
             normalized = mean_std([first_and_last(s)[1]["normalized_mean"] for s in summaries], 1)
             wall = mean_std([s["wall_time_s"] for s in summaries], 0)
             rows.append([method, data, ours, normalized, coherency, wall, n])
@@ -196,19 +207,34 @@ def methods_table(jobs: list[Job], command: str) -> str:
              "behavior model). A run that loads the foundation evaluates it again with its own sampling noise, so its",
              "'before' differs from the `x1` row's by evaluation noise only, and its wall time leaves out the",
              "foundation and critic training (one thread per run).", ""]
+    eda_rows = []
+    for data in DATASETS:
+        summaries = finished(jobs, method="EDA", data=data)
+        eda_rows.append([data, *eda_stage_cells(summaries), str(len(summaries))])
+    eda_notes = ["", "EDA's own evaluations: best of 4 sampled actions by Q (the rows above), and one sample per action,",
+                 "which shows what the alignment changed in the policy itself.", ""]
     return "\n".join(header_lines("Nav1D: EDA against each alignment method alone", command, jobs) + notes
-                     + [markdown_table(header, rows)]) + "\n"
+                     + [markdown_table(header, rows)] + eda_notes
+                     + [markdown_table(["dataset", *EDA_STAGE_HEADER, "seeds"], eda_rows)]) + "\n"
+
+
+EDA_STAGES = ("behavior", "aligned", "behavior_1cand", "aligned_1cand")
+EDA_STAGE_HEADER = ["behavior (best of 4)", "aligned (best of 4)", "behavior (1 sample)", "aligned (1 sample)"]
+
+
+def eda_stage_cells(summaries: list[dict]) -> list[str]:
+    """EDA's four evaluations (best of 4 by Q and one sample, behavior and aligned), mean ± std over seeds; a run
+    with --eval-candidates 1 has no separate one-sample stages."""
+    return [mean_std([s["stages"][stage]["return_mean"] for s in summaries if stage in s["stages"]])
+            for stage in EDA_STAGES]
 
 
 def eda_ratio_table(jobs: list[Job], command: str) -> str:
     rows = []
     for ratio in DATA_RATIOS:
-        summaries = [j.summary() for j in jobs if j.tags["ratio"] == ratio and j.summary() is not None]
-        cells = [mean_std([s["stages"][stage]["return_mean"] for s in summaries])
-                 for stage in ("behavior", "aligned", "behavior_1cand", "aligned_1cand")]
-        rows.append([f"{ratio:g}", *cells, str(len(summaries))])
-    header = ["Q-labelled fraction", "behavior (best of 4)", "aligned (best of 4)", "behavior (1 sample)",
-              "aligned (1 sample)", "seeds"]
+        summaries = finished(jobs, ratio=ratio)
+        rows.append([f"{ratio:g}", *eda_stage_cells(summaries), str(len(summaries))])
+    header = ["Q-labelled fraction", *EDA_STAGE_HEADER, "seeds"]
     notes = ["Every ratio below 1 loads the behavior model and critic of the ratio-1 run of its seed, so the rows",
              "differ only in how many dataset states received K Q-labelled candidates for the alignment.", ""]
     return "\n".join(header_lines("EDA on nav1d-full with a fraction of the data Q-labelled (paper Figure 5a)",
@@ -224,30 +250,42 @@ def stage_curve(summaries: list[dict], key: str) -> tuple[list[str], np.ndarray]
     return names, np.array([[s["stages"][name][key] for name in names] for s in summaries])
 
 
-def plot_planner_curves(jobs: list[Job]) -> None:
-    """Return and plan coherency after every method of the planners' sequence (paper Figure 6 for Diffuser and DD)."""
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def draw_optimum(axis) -> None:
     import nav1d
 
+    axis.axhline(nav1d.optimal_return(), color="grey", linestyle=":", linewidth=1, label="exact optimum")
+
+
+def draw_mean_band(axis, values: np.ndarray, alpha: float, **line_style) -> np.ndarray:
+    """Mean over seeds (rows of `values`) as a line with a ±1 std band; returns the mean."""
+    mean, std = values.mean(0), values.std(0)
+    line, = axis.plot(range(len(mean)), mean, marker="o", **line_style)
+    axis.fill_between(range(len(mean)), mean - std, mean + std, alpha=alpha, color=line.get_color())
+    return mean
+
+
+def plot_planner_curves(jobs: list[Job]) -> None:
+    """Return and plan coherency after every method of the planners' sequence (paper Figure 6 for Diffuser and DD)."""
+    plt = pyplot()
     figure, axes = plt.subplots(2, len(DATASETS), figsize=(4 * len(DATASETS), 6), sharey="row")
     for column, data in enumerate(DATASETS):
         for planner, sampler in PAPER_PLANNERS:
-            summaries = [s for s in (j.summary() for j in jobs if j.tags == {"planner": planner, "sampler": sampler,
-                                                                               "data": data}) if s is not None]
+            summaries = finished(jobs, planner=planner, sampler=sampler, data=data)
             if not summaries:
                 continue
-            label = f"{'Diffuser' if planner == 'diffuser' else 'DD'} {sampler}"
+            label = planner_label(planner, sampler)
             for row, key in enumerate(("return_mean", "coherency")):
-                _, values = stage_curve(summaries, key)
-                mean, std = values.mean(0), values.std(0)
-                line, = axes[row, column].plot(range(len(mean)), mean, marker="o", label=label)
-                axes[row, column].fill_between(range(len(mean)), mean - std, mean + std, alpha=0.15,
-                                               color=line.get_color())
-        axes[0, column].axhline(nav1d.optimal_return(), color="grey", linestyle=":", linewidth=1, label="exact optimum")
+                draw_mean_band(axes[row, column], stage_curve(summaries, key)[1], alpha=0.15, label=label)
+        draw_optimum(axes[0, column])
         axes[0, column].set_title(f"nav1d-{data}")
         for row, ylabel in enumerate(("return", "plan coherency")):
             axes[row, column].set_xticks(range(4), ["foundation", "rl / qvpg", "dpo", "sft"], fontsize=8)
@@ -260,17 +298,12 @@ def plot_planner_curves(jobs: list[Job]) -> None:
 
 
 def plot_figures(method_jobs_: list[Job], ratio_jobs: list[Job]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     import nav1d
 
+    plt = pyplot()
+
     nav1d.plot_task(HERE / "nav1d_task.png")
-    sequence_runs = {data: [s for s in (j.summary() for j in method_jobs_
-                                        if j.tags == {"method": "rl,dpo,sft x3", "data": data}) if s is not None]
-                     for data in DATASETS}
+    sequence_runs = {data: finished(method_jobs_, method="rl,dpo,sft x3", data=data) for data in DATASETS}
     for filename, key, ylabel in (("nav1d_learning_curves.png", "return_mean", "return"),
                                   ("nav1d_coherency_passes.png", "coherency", "policy coherency")):
         if not any(sequence_runs.values()):
@@ -280,12 +313,10 @@ def plot_figures(method_jobs_: list[Job], ratio_jobs: list[Job]) -> None:
             if not sequence_runs[data]:
                 continue
             names, values = stage_curve(sequence_runs[data], key)
-            mean, std = values.mean(0), values.std(0)
-            axis.plot(range(len(names)), mean, marker="o", label="after each method (±1 std over seeds)")
-            axis.fill_between(range(len(names)), mean - std, mean + std, alpha=0.25)
+            mean = draw_mean_band(axis, values, alpha=0.25, label="after each method (±1 std over seeds)")
             axis.axhline(mean[0], color="black", linestyle="--", linewidth=1, label="foundation")
             if key == "return_mean":
-                axis.axhline(nav1d.optimal_return(), color="grey", linestyle=":", linewidth=1, label="exact optimum")
+                draw_optimum(axis)
             axis.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
             axis.set_title(f"DP expectation, nav1d-{data}")
             axis.set_ylabel(ylabel)
@@ -293,14 +324,14 @@ def plot_figures(method_jobs_: list[Job], ratio_jobs: list[Job]) -> None:
         figure.tight_layout()
         figure.savefig(HERE / filename, dpi=120)
         plt.close(figure)
-    summaries = [(j.tags["ratio"], j.summary()) for j in ratio_jobs if j.summary() is not None]
-    if summaries:
+    by_ratio = {ratio: finished(ratio_jobs, ratio=ratio) for ratio in DATA_RATIOS}
+    ratios = [ratio for ratio, summaries in by_ratio.items() if summaries]
+    if ratios:
         figure, axis = plt.subplots(figsize=(4.5, 3.2))
-        ratios = sorted({ratio for ratio, _ in summaries})
         for stage, label in (("aligned", "EDA aligned"), ("behavior", "behavior model")):
-            values = [[s["stages"][stage]["return_mean"] for r, s in summaries if r == ratio] for ratio in ratios]
+            values = [[s["stages"][stage]["return_mean"] for s in by_ratio[ratio]] for ratio in ratios]
             axis.errorbar(ratios, [np.mean(v) for v in values], [np.std(v) for v in values], marker="o", label=label)
-        axis.axhline(nav1d.optimal_return(), color="grey", linestyle=":", linewidth=1, label="exact optimum")
+        draw_optimum(axis)
         axis.set_xscale("log")
         axis.set_xlabel("fraction of states with Q-labelled candidates")
         axis.set_ylabel("return (nav1d-full)")
@@ -339,7 +370,7 @@ def main() -> None:
             print(f"{len(failed)} runs failed and {skipped} were skipped because their base run failed; "
                   "their rows are incomplete", file=sys.stderr)
     ratios = ratio_base + ratio_variants
-    if options.report_only and not any(job.summary() for job in planners + policies + base + variants + ratios):
+    if options.report_only and not finished(planners + policies + base + variants + ratios):
         sys.exit("no finished runs under --out to report on")
     if planners:
         (HERE / "nav1d_planners.md").write_text(planners_table(planners, command))
