@@ -7,6 +7,7 @@ stopped. Jobs run `--jobs` at a time, each pinned to one thread so that N jobs u
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -64,9 +65,7 @@ class Job:
         versions = []
         for head in self.commits_path.read_text().split():
             commit, dirty, _ = head.partition("+")
-            result = subprocess.run(["git", "log", "-1", "--format=%h", commit, "--", *self.code_paths],
-                                    cwd=REPO_ROOT, capture_output=True, text=True)
-            versions.append((result.stdout.strip() or commit) + ("+uncommitted" if dirty else ""))
+            versions.append(last_change(commit, self.code_paths) + ("+uncommitted" if dirty else ""))
         return versions
 
 
@@ -105,6 +104,15 @@ def git_commit(paths: tuple[str, ...] = ()) -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], cwd=REPO_ROOT,
                            capture_output=True, text=True).stdout.strip()
     return result.stdout.strip() + ("+uncommitted" if dirty else "")
+
+
+@functools.cache
+def last_change(commit: str, paths: tuple[str, ...]) -> str:
+    """The last commit at or before `commit` that changed `paths` (`commit` itself if git cannot tell); cached, as
+    a table asks the same question for every run made at one commit."""
+    result = subprocess.run(["git", "log", "-1", "--format=%h", commit, "--", *paths], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    return result.stdout.strip() or commit
 
 
 def device_name(device: str) -> str:

@@ -22,20 +22,18 @@ from test_diffuser_align import TINY as TINY_DIFFUSER
 from test_dp_align import TINY as TINY_DP
 from test_eda import TINY_NAV1D as TINY_EDA
 
-# For each script: tiny Nav1D arguments, and the three stages a SIGKILL lands in with the flag that sizes each one.
-SCRIPTS = {
-    "eda_d4rl": (TINY_EDA, [("behavior", "--behavior-steps"), ("critic", "--critic-steps"),
-                            ("alignment", "--align-steps")]),
-    "dp_align": ([*TINY_DP, "--align", "dpo"], [("foundation", "--foundation-steps"), ("critic", "--critic-steps"),
-                                                ("dpo", "--dpo-steps")]),
-    "diffuser_align": ([*TINY_DIFFUSER, "--align", "dpo"], [("foundation", "--foundation-steps"),
-                                                            ("critic", "--critic-steps"), ("dpo", "--dpo-steps")]),
-}
 SAVE_EVERY = 10
-# Steps per stage: the test must see a checkpoint inside the stage before the run leaves it, and a critic step is so
-# cheap that 60 of them can pass between two polls on a loaded machine (seen in CI), so the critic runs longer.
-STAGE_STEPS = {"critic": 600}
-DEFAULT_STAGE_STEPS = 60
+# The test must see a checkpoint inside a stage before the run leaves it. A critic step is so cheap that 60 of them
+# can pass between two polls on a loaded machine (seen in CI), so the critic stage runs 600 steps.
+CRITIC = ("critic", "--critic-steps", 600)
+# For each script: tiny Nav1D arguments, and the three stages a SIGKILL lands in: (stage, flag sizing it, steps).
+SCRIPTS = {
+    "eda_d4rl": (TINY_EDA, [("behavior", "--behavior-steps", 60), CRITIC, ("alignment", "--align-steps", 60)]),
+    "dp_align": ([*TINY_DP, "--align", "dpo"], [("foundation", "--foundation-steps", 60), CRITIC,
+                                                ("dpo", "--dpo-steps", 60)]),
+    "diffuser_align": ([*TINY_DIFFUSER, "--align", "dpo"], [("foundation", "--foundation-steps", 60), CRITIC,
+                                                            ("dpo", "--dpo-steps", 60)]),
+}
 
 
 def script_env() -> dict:
@@ -87,16 +85,16 @@ def numbers(summary_path: Path) -> dict:
 def test_sigkill_in_every_stage_then_resume_matches_an_uninterrupted_run(tmp_path, script):
     tiny, stages = SCRIPTS[script]
     argv = ["--env", "nav1d-full", *tiny, "--save-every", str(SAVE_EVERY)]
-    for stage, flag in stages:
-        argv += [flag, str(STAGE_STEPS.get(stage, DEFAULT_STAGE_STEPS))]
+    for _, flag, steps in stages:
+        argv += [flag, str(steps)]
     reference = run(script, *argv, "--run-dir", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     run_dir = tmp_path / "crashed"
     command = [sys.executable, f"{script}.py", *argv, "--run-dir", str(run_dir)]
-    for index, (stage, _) in enumerate(stages):
+    for index, (stage, _, steps) in enumerate(stages):
         step = kill_inside_stage(command + (["--resume"] if index else []), run_dir, stage)
-        assert 2 * SAVE_EVERY <= step < STAGE_STEPS.get(stage, DEFAULT_STAGE_STEPS)
+        assert 2 * SAVE_EVERY <= step < steps
         if index == 0:  # a crash can also leave a damaged file: the previous checkpoint must be used
             checkpoints = run_dir / "checkpoints"
             source = checkpoints / ("latest.pt" if (checkpoints / "latest.pt").exists() else "previous.pt")
