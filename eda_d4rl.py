@@ -151,9 +151,10 @@ PRESETS: dict[str, dict] = {
         "align_steps": 3000, "align_batch_size": 64, "align_lr": 1e-3, "beta": 0.5,
         "candidate_batch_size": 2000, "eval_every": 1000, "save_every": 500, "log_every": 100, "cpu_threads": 1,
     },
-    # near-optimal, narrow data: beta 0.5 over-exploits the critic's errors there (best-of-4 return 7.10 -> 6.61 over
-    # seeds 0-2, same behavior model and critic) while 1.0 holds it (7.05; 2.0 gave 6.96; fresh runs, seeds 0-4:
-    # 6.77 -> 6.68); the paper also uses larger beta on its medium-expert datasets
+    # near-optimal, narrow data: beta 0.5 over-exploits the critic's errors there while 1.0 holds it (seeds 0-2, each
+    # reusing its seed's behavior model and critic via --load-behavior/--load-critic and varying --beta: best-of-4
+    # 7.10 -> 6.61 with 0.5, 7.05 with 1.0, 6.96 with 2.0; fresh runs, seeds 0-4: 6.77 -> 6.68, nav1d_methods.md);
+    # the paper also uses larger beta on its medium-expert datasets
     "nav1d-expert": {"beta": 1.0},
 }
 
