@@ -381,7 +381,7 @@ class Planner:
         if use_cascade and self.cascade is not None:
             plans = self.refine(plans)
         best = select_best_plans(self.rewards(plans), self.num_plans)
-        chosen = plans.view(states.shape[0], self.num_plans, self.horizon, self.x_dim)[torch.arange(len(states)), best]
+        chosen = plans.view(states.shape[0], self.num_plans, self.horizon, self.x_dim)[torch.arange(len(states), device=plans.device), best]
         _, actions = self.states_actions(chosen)
         return actions[:, 0].clamp(-1, 1), chosen
 
