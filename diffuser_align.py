@@ -18,6 +18,7 @@ once at inference. `--align rl,dpo,sft --passes P` runs the methods in sequence,
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 import time
@@ -37,9 +38,9 @@ from common.data import (Normalizer, evaluate, gather_windows, iql_rewards, load
 from common.diffusion import SAMPLERS, Diffusion, gaussian_log_prob
 from common.nets import (InverseDynamics, TemporalUNet, TwinQ, ValueNet, count_parameters, inject_lora,
                          load_foundation_into_cascade, lora_disabled)
-from common.runtime import (Timer, UserError, apply_presets, check_finite, cli, load_module_state, capture_rng,
-                            read_checkpoint_file,
-                            print_results_table, restore_rng, stage_stats, start_run)
+from common.runtime import (Timer, UserError, apply_presets, check_finite, cli, cuda_graphed, load_module_state,
+                            capture_rng, read_checkpoint_file, print_results_table, restore_rng, stage_stats,
+                            start_run, use_cuda_graphs)
 
 PLANNERS = ("diffuser", "dd")
 PLANNER_SAMPLERS = tuple(name for name in SAMPLERS if name != "dpm_solver++")  # multistep: no per-step Gaussian
@@ -70,6 +71,8 @@ class Args:
     """checkpoint every N steps of a stage (and at the end of every stage)"""
     compile: bool = False
     """torch.compile the denoiser for foundation training and for planning (evaluation)"""
+    cuda_graphs: bool = True
+    """on a GPU, replay the foundation and critic steps and planning from CUDA graphs (no effect on a CPU)"""
     cpu_threads: int = 0
     """torch CPU threads (0: torch's default); small networks run faster on 1, above all on a busy machine"""
 
@@ -328,7 +331,7 @@ class Planner:
     """
 
     def __init__(self, args: Args, diffusion: Diffusion, denoiser: nn.Module, q_target: TwinQ, state_dim: int,
-                 action_dim: int, inverse_dynamics: nn.Module | None = None):
+                 action_dim: int, inverse_dynamics: nn.Module | None = None, cuda_graphs: bool = False):
         self.kind, self.horizon, self.num_plans, self.reward_kind = args.planner, args.horizon, args.num_plans, args.plan_reward
         self.diffusion, self.denoiser, self.q_target, self.inverse_dynamics = diffusion, denoiser, q_target, inverse_dynamics
         self.state_dim, self.action_dim = state_dim, action_dim
@@ -336,6 +339,8 @@ class Planner:
         self.cascade: nn.Module | None = None
         self.compile = args.compile
         self._compiled: dict[nn.Module, nn.Module] = {}
+        self.cuda_graphs = cuda_graphs
+        self._graphed_act: dict[tuple, object] = {}  # (denoiser, cascade) -> act replayed from CUDA graphs
 
     def acting_denoiser(self) -> nn.Module:
         """The denoiser as `act` calls it: with --compile a torch.compile'd wrapper of the current denoiser, made once
@@ -374,11 +379,21 @@ class Planner:
         q1, q2 = self.q_target(states[:, :steps].flatten(0, 1), actions.flatten(0, 1))
         return torch.min(q1, q2).view(plans.shape[0], steps).mean(1)
 
-    @torch.no_grad()
     def act(self, states, use_cascade=False):
-        """Draw num_plans per state in one sampler call, keep the best by plan reward; (actions, chosen plans)."""
-        plans = self.sample(states, self.num_plans, model=self.acting_denoiser()).x0
-        if use_cascade and self.cascade is not None:
+        """Draw num_plans per state in one sampler call, keep the best by plan reward; (actions, chosen plans).
+        With CUDA graphs the returned tensors are overwritten by the next call."""
+        denoiser, cascade = self.acting_denoiser(), self.cascade if use_cascade else None
+        if not self.cuda_graphs:
+            return self._act(states, denoiser, cascade)
+        key = (denoiser, cascade)  # a new denoiser (LoRA, cascade) gets its own graphs; weights are read live
+        if key not in self._graphed_act:
+            self._graphed_act[key] = cuda_graphed(lambda s: self._act(s, denoiser, cascade), True)
+        return self._graphed_act[key](states)
+
+    @torch.no_grad()
+    def _act(self, states, denoiser, cascade):
+        plans = self.sample(states, self.num_plans, model=denoiser).x0
+        if cascade is not None:
             plans = self.refine(plans)
         best = select_best_plans(self.rewards(plans), self.num_plans)
         chosen = plans.view(states.shape[0], self.num_plans, self.horizon, self.x_dim)[torch.arange(len(states), device=plans.device), best]
@@ -576,8 +591,9 @@ def main(args: Args) -> None:
     planner_net: nn.Module | None = None  # foundation + LoRA adapters (or a full copy), made after foundation training
     frozen_reference: nn.Module | None = None  # only for --lora-rank 0
     cascade_unet: TemporalUNet | None = None
+    graphs = use_cuda_graphs(args, device)
     planner = Planner(args, diffusion, foundation, q_target, state_dim, action_dim,
-                      inverse_dynamics if args.planner == "dd" else None)
+                      inverse_dynamics if args.planner == "dd" else None, cuda_graphs=graphs)
 
     def build_aligned_planner() -> None:
         nonlocal planner_net, frozen_reference
@@ -664,9 +680,10 @@ def main(args: Args) -> None:
                                  models=models, optimizers={k: o.state_dict() for k, o in optimizers.items()},
                                  online_data=online_data, rng=capture_rng(), numpy_rng=rng.bit_generator.state))
 
-    def make_optimizer(stage: str, parameters, lr: float) -> torch.optim.Optimizer:
+    def make_optimizer(stage: str, parameters, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
+        """capturable: the stage's step is replayed from a CUDA graph (the Adam step count stays on the device)."""
         optimizers.clear()
-        optimizers[stage] = torch.optim.Adam(parameters, lr=lr)
+        optimizers[stage] = torch.optim.Adam(parameters, lr=lr, capturable=capturable)
         if stage == resume_stage and stage in resume_optimizers:
             optimizers[stage].load_state_dict(resume_optimizers[stage])
         return optimizers[stage]
@@ -747,17 +764,20 @@ def main(args: Args) -> None:
 
     # ================= stage 1: foundation planner (masked in-painting) =================
     if "foundation" not in completed:
-        optimizer = make_optimizer("foundation", foundation.parameters(), args.foundation_lr)
+        optimizer = make_optimizer("foundation", foundation.parameters(), args.foundation_lr, capturable=graphs)
         train_model = torch.compile(foundation) if args.compile else foundation
 
-        def foundation_step(step: int) -> dict:
-            windows = window_batch(args.batch_size)
+        @functools.partial(cuda_graphed, enabled=graphs)
+        def foundation_update(windows: torch.Tensor) -> dict:
             known = random_prefix_masks(len(windows), args.horizon, state_dim, x_dim, device)
             loss = diffusion.loss(train_model, windows, None, mask=~known, known=known).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             return {"diffusion": loss.detach()}
+
+        def foundation_step(step: int) -> dict:
+            return foundation_update(window_batch(args.batch_size))
 
         foundation.train()
         throughput["foundation_steps_per_s"] = train("foundation", args.foundation_steps, foundation_step)
@@ -783,16 +803,19 @@ def main(args: Args) -> None:
 
     # ================= stage 3: IQL critic =================
     def train_critic(stage: str, steps: int) -> float:
-        optimizer = make_optimizer(stage, [*q.parameters(), *value.parameters()], args.critic_lr)
+        optimizer = make_optimizer(stage, [*q.parameters(), *value.parameters()], args.critic_lr, capturable=graphs)
 
-        def critic_step(step: int) -> dict:
-            value_loss, q_loss = iql_losses(q, q_target, value, transition_batch(args.critic_batch_size),
-                                            args.expectile, args.discount)
+        @functools.partial(cuda_graphed, enabled=graphs)
+        def critic_update(*batch: torch.Tensor) -> dict:
+            value_loss, q_loss = iql_losses(q, q_target, value, batch, args.expectile, args.discount)
             optimizer.zero_grad(set_to_none=True)
             (value_loss + q_loss).backward()
             optimizer.step()
             polyak_update(q_target, q, args.polyak)
             return {"value": value_loss.detach(), "q": q_loss.detach()}
+
+        def critic_step(step: int) -> dict:
+            return critic_update(*transition_batch(args.critic_batch_size))
 
         return train(stage, steps, critic_step)
 

@@ -53,12 +53,14 @@ from common.runtime import (
     capture_rng,
     check_finite,
     cli,
+    cuda_graphed,
     load_module_state,
     print_results_table,
     read_checkpoint_file,
     restore_rng,
     stage_stats,
     start_run,
+    use_cuda_graphs,
 )
 
 SCRIPT = "dp_align"
@@ -90,6 +92,8 @@ class Args:
     """checkpoint every this many training steps (and at the end of every stage)"""
     compile: bool = False
     """torch.compile the denoisers"""
+    cuda_graphs: bool = True
+    """on a GPU, replay the foundation and critic steps and action selection from CUDA graphs (no effect on a CPU)"""
     cpu_threads: int = 0
     """torch CPU threads (0: torch's default); small networks run faster on 1, above all on a busy machine"""
 
@@ -468,15 +472,17 @@ class Workspace:
         self.state_dim = data.observations.shape[1]
         self.action_dim = data.actions.shape[1]
         self.chunk_shape = (args.pred_horizon, self.action_dim)
+        self.graphs = use_cuda_graphs(args, self.device)  # graph-replayed Adam steps need capturable=True
         self.cond_dim = args.obs_horizon * self.state_dim
         self.diffusion = Diffusion(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
                                    prediction=args.prediction or None, clip_x0=1.0 if args.clip_sample else None)
         self.foundation_net = build_denoiser(args, self.action_dim, self.cond_dim).to(self.device)
         self.foundation = copy.deepcopy(self.foundation_net).requires_grad_(False)  # the EMA: the foundation used
-        self.foundation_optimizer = torch.optim.Adam(self.foundation_net.parameters(), lr=args.foundation_lr)
+        self.foundation_optimizer = torch.optim.Adam(self.foundation_net.parameters(), lr=args.foundation_lr,
+                                                     capturable=self.graphs)
         self.critic = IQLCritic(self.state_dim, self.action_dim, args.critic_hidden).to(self.device)
-        self.q_optimizer = torch.optim.Adam(self.critic.q.parameters(), lr=args.critic_lr)
-        self.v_optimizer = torch.optim.Adam(self.critic.v.parameters(), lr=args.critic_lr)
+        self.q_optimizer = torch.optim.Adam(self.critic.q.parameters(), lr=args.critic_lr, capturable=self.graphs)
+        self.v_optimizer = torch.optim.Adam(self.critic.v.parameters(), lr=args.critic_lr, capturable=self.graphs)
         self.policy: nn.Module | None = None
         self.reference: Reference | None = None
         self.dpo_reference: nn.Module | None = None  # frozen copy of the policy at the start of the DPO stage
@@ -895,7 +901,7 @@ def select_chunks(ws: Workspace, model, cond: torch.Tensor, obs: torch.Tensor, u
         choice = q.argmax(1)
     else:
         advantage = q - ws.critic.v(obs)[:, None]
-        choice = torch.distributions.Categorical(logits=args.idql_temperature * advantage).sample()
+        choice = torch.distributions.Categorical(logits=args.idql_temperature * advantage, validate_args=False).sample()
     return candidates[torch.arange(candidates.shape[0], device=ws.device), choice]
 
 
@@ -905,7 +911,8 @@ class RecedingHorizonPolicy:
     generated ones, which is what coherency scores)."""
 
     def __init__(self, ws: Workspace, model, use_cascade: bool):
-        self.ws, self.model, self.use_cascade = ws, model, use_cascade
+        self.ws = ws
+        self.select = cuda_graphed(lambda cond, obs: select_chunks(ws, model, cond, obs, use_cascade), ws.graphs)
 
     def reset(self, num_envs: int) -> None:
         args = self.ws.args
@@ -926,8 +933,7 @@ class RecedingHorizonPolicy:
         if replan.any():
             ids = env_ids[replan]
             cond = torch.as_tensor(self.history[ids].reshape(len(ids), -1), device=ws.device)
-            chunks = select_chunks(ws, self.model, cond, torch.as_tensor(normalized[replan], device=ws.device),
-                                   self.use_cascade)
+            chunks = self.select(cond, torch.as_tensor(normalized[replan], device=ws.device))
             self.plan[ids] = chunks[:, : ws.args.action_horizon].cpu().numpy()
             self.plan_position[ids] = 0
         actions = self.plan[env_ids, self.plan_position[env_ids]]
@@ -1079,15 +1085,17 @@ def critic_update(ws: Workspace) -> dict[str, torch.Tensor]:
 
 
 def measure_action_latency(ws: Workspace, model, use_cascade: bool, repeats: int = 20) -> float:
-    """Milliseconds to choose one action chunk from N candidates for a single state (after warm-up)."""
+    """Milliseconds to choose one action chunk from N candidates for a single state, as evaluation chooses it (a CUDA
+    graph on a GPU), after warm-up."""
     index = torch.zeros(1, dtype=torch.long, device=ws.device)
     cond = ws.transitions.observation_history(index, ws.args.obs_horizon)
     obs = ws.transitions.observations[index]
+    select = RecedingHorizonPolicy(ws, model, use_cascade).select
     for _ in range(3):
-        select_chunks(ws, model, cond, obs, use_cascade)
+        select(cond, obs)
     with Timer() as timer:
         for _ in range(repeats):
-            select_chunks(ws, model, cond, obs, use_cascade)
+            select(cond, obs)
     return 1000 * timer.seconds / repeats
 
 
@@ -1141,14 +1149,15 @@ def main(args: Args) -> None:
             ws.foundation_net.load_state_dict(ws.foundation.state_dict())
             ws.finished.append("foundation")
             print(f"foundation loaded from {args.load_foundation}")
-        train_loop(ws, "foundation", args.foundation_steps, lambda: foundation_update(ws), "foundation")
+        train_loop(ws, "foundation", args.foundation_steps, cuda_graphed(lambda: foundation_update(ws), ws.graphs),
+                   "foundation")
 
         # ---- Stage 2: IQL critic ----------------------------------------------------------------------------
         if args.load_critic and "critic" not in ws.finished:
             load_stage_from(args.load_critic, ws.critic, "critic", "the critic")
             ws.finished.append("critic")
             print(f"critic loaded from {args.load_critic}")
-        train_loop(ws, "critic", args.critic_steps, lambda: critic_update(ws), "critic")
+        train_loop(ws, "critic", args.critic_steps, cuda_graphed(lambda: critic_update(ws), ws.graphs), "critic")
 
         if "foundation" not in ws.results:
             record_result(ws, "foundation", evaluate_stage(ws, ws.foundation, False))
@@ -1162,7 +1171,8 @@ def main(args: Args) -> None:
                 if stage not in ws.finished and ws.start_step(stage) == 0:
                     ws.add_online_data(collect_online_episodes(ws, alignment_pass))
                     print(f"[{stage}] +{len(ws.online_data['rewards'])} online transitions in total")
-                train_loop(ws, stage, args.online_critic_steps, lambda: critic_update(ws), "critic_online")
+                train_loop(ws, stage, args.online_critic_steps, cuda_graphed(lambda: critic_update(ws), ws.graphs),
+                           "critic_online")
             for method in methods:
                 stage = f"pass{alignment_pass}/{method}"
                 if stage in ws.results:

@@ -309,3 +309,79 @@ class Timer:
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
         return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU speed: CUDA graphs
+# --------------------------------------------------------------------------------------------------------------
+class CudaGraphed:
+    """`function(*tensors)`, replayed from CUDA graphs: one graph per input shape, captured after `warmup` eager calls
+    of that shape. The small networks of these methods are launch-bound on a GPU: a training step or a sampler call
+    launches hundreds of kernels of a few microseconds each, and one graph replay launches them all at once
+    (benchmark_results/gpu.md: 5-20x faster steps). Every call does the work exactly once (warm-up calls are real
+    calls), so a training step wrapped here is still one step per call.
+
+    Contract for `function`: its tensor inputs are the arguments (device tensors, copied into static buffers on every
+    call); everything else it reads (weights, optimiser state, datasets) keeps its storage; it makes no host-device
+    syncs; random numbers come from the default CUDA generator or from `generators`. Returned tensors are static
+    buffers overwritten by the next call: use them (or copy them) before calling again. An optimiser stepped inside
+    must be made with capturable=True. If a capture fails, a warning says why and the function runs eagerly from
+    then on."""
+
+    def __init__(self, function: Callable, warmup: int = 2, generators: tuple = ()):
+        self.function, self.warmup, self.generators = function, warmup, generators
+        self.graphs: dict[tuple, tuple[Any, list[torch.Tensor], Any]] = {}
+        self.eager_calls: dict[tuple, int] = {}
+        self.failed = False
+
+    def __call__(self, *inputs: torch.Tensor):
+        if self.failed:
+            return self.function(*inputs)
+        key = tuple((tuple(tensor.shape), tensor.dtype) for tensor in inputs)
+        if key not in self.graphs:
+            if self.eager_calls.get(key, 0) < self.warmup:
+                self.eager_calls[key] = self.eager_calls.get(key, 0) + 1
+                return self._on_side_stream(inputs)
+            if not self._capture(key, inputs):
+                return self.function(*inputs)
+        graph, static_inputs, outputs = self.graphs[key]
+        for static, value in zip(static_inputs, inputs):
+            static.copy_(value)
+        graph.replay()
+        return outputs
+
+    def _on_side_stream(self, inputs):
+        """Warm-up calls run on a side stream, as capture requires (lazy handles and workspaces are made there)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outputs = self.function(*inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        return outputs
+
+    def _capture(self, key: tuple, inputs) -> bool:
+        static_inputs = [tensor.clone() for tensor in inputs]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            for generator in self.generators:
+                graph.register_generator_state(generator)
+            with torch.cuda.graph(graph):
+                outputs = self.function(*static_inputs)
+        except Exception as error:  # fall back to eager execution; the run goes on
+            self.failed = True
+            name = getattr(self.function, "__qualname__", repr(self.function))
+            print(f"warning: CUDA graph capture of {name} failed ({type(error).__name__}: {error}); running it "
+                  "eagerly (--no-cuda-graphs turns graphs off)", file=sys.stderr)
+            return False
+        self.graphs[key] = (graph, static_inputs, outputs)
+        return True
+
+
+def cuda_graphed(function: Callable, enabled: bool, generators: tuple = ()) -> Callable:
+    """`function` replayed from CUDA graphs when `enabled` (a CUDA run with --cuda-graphs), else `function` itself."""
+    return CudaGraphed(function, generators=generators) if enabled else function
+
+
+def use_cuda_graphs(args: Any, device: torch.device) -> bool:
+    """CUDA graphs apply only on a GPU; `--cuda-graphs` (default on) chooses them there."""
+    return bool(args.cuda_graphs) and device.type == "cuda"
