@@ -606,8 +606,9 @@ def cleandiffuser_cases(checkout: Path, device: torch.device) -> list[Case]:
 # Running and reporting
 # ---------------------------------------------------------------------------------------------------------------------
 class Benchmark:
-    def __init__(self, options: argparse.Namespace, device: torch.device, cases: list[Case]):
-        self.options, self.device, self.cases = options, device, cases  # cases in the report's order
+    def __init__(self, options: argparse.Namespace, device: torch.device):
+        self.options, self.device = options, device
+        self.environment = environment(device, options)
         self.deadline = time.monotonic() + options.budget_s if options.budget_s else math.inf
         self.rows: list[Row] = []
 
@@ -654,17 +655,21 @@ class Benchmark:
                     self.write()
 
     # ----- reporting ------------------------------------------------------------------------------------------------
+    def results(self) -> dict:
+        """Everything the report is made from: where and how it was measured, and the rows."""
+        return {"environment": self.environment, "rows": [asdict(row) for row in self.rows]}
+
     def write(self) -> None:
         if self.options.json:
-            Path(self.options.json).write_text(json.dumps({"environment": environment(self.device, self.options),
-                                                           "rows": [asdict(row) for row in self.rows]}, indent=1))
+            Path(self.options.json).write_text(json.dumps(self.results(), indent=1))
         if self.options.out:
-            Path(self.options.out).write_text(report(self.rows, self.cases, self.device, self.options))
+            Path(self.options.out).write_text(report(self.results()))
 
 
 def environment(device: torch.device, options: argparse.Namespace) -> dict:
     info = {"torch": torch.__version__, "device": str(device), "commit": options.commit or git_commit(),
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "command": "python -m benchmarks.speed " + " ".join(options.argv),
+            "windows": options.windows, "window_s": options.window_s, "warmup": options.warmup}
     if device.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version())
@@ -735,35 +740,37 @@ def paper_scale_eda_hours(rows: list[Row]) -> list[str]:
             return []
         seconds = amount / row.value
         total += seconds
-        lines.append(f"| {label} | {row.variant} | {row.value:.4g} {row.unit} | {seconds / 3600:.2f} h |")
+        lines.append(f"| {label} | {row.variant} | {row.value:.4g} {row.unit} | {seconds / 60:.1f} min |")
     action = best_row(rows, "evaluation action, 20 envs, best of 4 by Q", "ours")
     if action is not None:
         seconds = 4 * 1000 * action.value / 1000  # network time only; MuJoCo stepping comes on top
         total += seconds
         lines.append(f"| evaluation, 4 x 20 episodes x 1000 steps (network only) | {action.variant} | "
-                     f"{action.value:.3g} ms per step of 20 envs | {seconds / 3600:.2f} h |")
-    lines.append(f"| **total** | | | **{total / 3600:.1f} h** |")
+                     f"{action.value:.3g} ms per step of 20 envs | {seconds / 60:.1f} min |")
+    lines.append(f"| **total** | | | **{total / 3600:.2f} h** |")
     return lines
 
 
-def report(rows: list[Row], cases: list[Case], device: torch.device, options: argparse.Namespace) -> str:
-    env = environment(device, options)
+def report(results: dict) -> str:
+    """The markdown report of a run (or of its JSON file): one table per script, the comparisons, the paper-scale
+    EDA estimate."""
+    env, rows = results["environment"], [Row(**{**row, "ms_range": tuple(row["ms_range"])}) for row in results["rows"]]
     where = (f"{env.get('gpu')}, driver {env.get('driver', '?')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}"
-             if device.type == "cuda" else f"CPU, {env['cpu_threads']} torch threads")
+             if env["device"].startswith("cuda") else f"CPU, {env.get('cpu_threads')} torch threads")
     lines = [f"# Speed on {where}", "",
-             f"torch {env['torch']}, Python {env['python']}, commit `{env['commit']}`. Written by "
-             f"`python -m benchmarks.speed {' '.join(options.argv)}`.", "",
+             f"torch {env['torch']}, Python {env['python']}, commit `{env['commit']}`. Measured by `{env['command']}`.",
+             "",
              "Random hopper-shaped tensors (11-d states, 3-d actions) kept on the device; every value is the median "
-             f"over {options.windows} windows of back-to-back calls (~{options.window_s} s each) after "
-             f"{options.warmup} warm-up calls, with the range over the windows. 'First call' includes torch.compile's "
-             "compilation and CUDA graph capture. Latencies include copying the observation to the device and the "
-             "action back. TF32: float32 matmuls on TF32 tensor cores (`torch.set_float32_matmul_precision('high')`); "
-             "cuDNN convolutions use TF32 in every row (torch's default).", ""]
+             f"over {env['windows']} windows of back-to-back calls (~{env['window_s']} s each) after {env['warmup']} "
+             "warm-up calls, with the range over the windows. 'First call' includes torch.compile's compilation and "
+             "CUDA graph capture. Latencies include copying the observation to the device and the action back. TF32: "
+             "float32 matmuls on TF32 tensor cores (`torch.set_float32_matmul_precision('high')`); cuDNN convolutions "
+             "use TF32 in every row (torch's default).", ""]
     header = ["| loop | implementation | variant | rate or latency | ms per call (range) | first call (s) | "
               "peak memory (MiB) | note |", "|---|---|---|---|---|---|---|---|"]
     for group in dict.fromkeys(row.group for row in rows):
         lines += [f"## {group}", "", *header]
-        loops = list(dict.fromkeys(case.loop for case in cases))  # the order the cases were defined in
+        loops = list(dict.fromkeys(row.loop for row in rows if row.group == group))  # in the order measured
         ordered = sorted((row for row in rows if row.group == group),
                          key=lambda row: (loops.index(row.loop), row.implementation != "ours", row.implementation))
         for row in ordered:
@@ -783,8 +790,8 @@ def report(rows: list[Row], cases: list[Case], device: torch.device, options: ar
     hours = paper_scale_eda_hours(rows)
     if hours:
         lines += ["## EDA at paper scale on this device", "",
-                  "Extrapolated from the fastest measured rate of each stage (hopper shapes; MuJoCo stepping during "
-                  "evaluation not included).", "",
+                  "Extrapolated from the fastest measured rate of each stage's loop (hopper shapes; MuJoCo stepping "
+                  "during evaluation not included).", "",
                   "| stage | variant | rate | time |", "|---|---|---|---|", *hours, ""]
     return "\n".join(lines) + "\n"
 
@@ -806,16 +813,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write every row here as it is measured")
     parser.add_argument("--out", help="markdown report, rewritten after every row")
     parser.add_argument("--commit", default="", help="commit to name in the report (default: git rev-parse)")
+    parser.add_argument("--from-json", type=Path, help="measure nothing: rewrite --out from a JSON file of a run")
     options = parser.parse_args(argv)
     options.argv = sys.argv[1:] if argv is None else argv
+    if options.from_json:
+        text = report(json.loads(options.from_json.read_text()))
+        Path(options.out).write_text(text) if options.out else print(text)
+        return
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda was requested but no CUDA device is available")
+        parser.error("--device cuda was requested but no CUDA device is available")
     if options.threads:
         torch.set_num_threads(options.threads)
     groups = set(options.groups.split(","))
     if not groups <= {"EDA", "DP", "Diffuser"}:
-        sys.exit(f"error: --groups takes EDA, DP and Diffuser, got {options.groups!r}")
+        parser.error(f"--groups takes EDA, DP and Diffuser, got {options.groups!r}")
     torch.manual_seed(0)
 
     def supported(variants: list[Variant]) -> list[Variant]:
@@ -843,10 +855,10 @@ def main(argv: list[str] | None = None) -> None:
                           for case in cleandiffuser_cases(options.cleandiffuser, device)]
         if "DP" in groups:
             cases += dp_cases(device, train_variants, sample_variants)
-        benchmark = Benchmark(options, device, cases)
+        benchmark = Benchmark(options, device)
         benchmark.run(priority_order(cases))
     benchmark.write()
-    print(report(benchmark.rows, cases, device, options))
+    print(report(benchmark.results()))
 
 
 def replace_variants(case: Case, variants: list[Variant]) -> Case:
