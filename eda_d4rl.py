@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -32,9 +32,9 @@ import nav1d
 from common.data import evaluate, iql_rewards, load_offline_data, normalized_score, Normalizer
 from common.diffusion import Diffusion, VPSDE
 from common.nets import IDQLResidualMLP, TwinQ, ValueNet, count_parameters
-from common.runtime import (UserError, apply_presets, capture_rng, check_finite, cli, cuda_graphed,
-                            load_module_state, print_results_table, read_checkpoint_file, restore_rng, stage_stats,
-                            start_run, use_cuda_graphs)
+from common.runtime import (UserError, apply_presets, check_finite, cli, cuda_graphed, stage_stats, start_run,
+                            use_cuda_graphs)
+from common.training import Trainer, action_latency_ms, check_loadable
 
 SCRIPT = "eda_d4rl"
 STAGES = ("behavior", "critic", "candidates", "alignment", "evaluation", "done")
@@ -322,27 +322,19 @@ class BestOfNPolicy:
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
-    started = time.perf_counter()
     from_presets = apply_presets(args, PRESETS)
     validate_args(args)
-    loaded_behavior = read_checkpoint_file(args.load_behavior, script=SCRIPT) if args.load_behavior else None
-    loaded_critic = read_checkpoint_file(args.load_critic, script=SCRIPT) if args.load_critic else None
+    loaded = {stage: check_loadable(path, SCRIPT, stage)
+              for stage, path in (("behavior", args.load_behavior), ("critic", args.load_critic)) if path}
     data = load_offline_data(args.env)
     normalizer = Normalizer.from_array(data.observations)
-    for name, loaded in (("behavior", loaded_behavior), ("critic", loaded_critic)):
-        if loaded is None:
-            continue
-        if name not in loaded["completed"]:
-            raise UserError(f"--load-{name}: that checkpoint has not finished its {name} stage")
-        if not all(torch.equal(loaded["normalizer"][key], torch.as_tensor(getattr(normalizer, key)))
+    for stage, checkpoint in loaded.items():
+        if not all(torch.equal(checkpoint["state"]["normalizer"][key], torch.as_tensor(getattr(normalizer, key)))
                    for key in ("mean", "std")):
-            raise UserError(f"--load-{name}: that run was trained on other data (its observation statistics differ)")
+            raise UserError(f"--load-{stage}: that run was trained on other data (its observation statistics differ)")
     run = start_run(args, script=SCRIPT)
     device = run.device
     print(f"values from presets: {from_presets}" if from_presets else "no preset matched; using the defaults")
-    state = run.load_checkpoint() if args.resume else None
-    if args.resume and state is None:
-        raise UserError(f"--resume: no checkpoint in {run.run_dir}")
 
     # ---- data: tensors on the device, states normalised (the same normaliser is used at evaluation) ----
     def as_tensor(array):
@@ -366,95 +358,30 @@ def main(args: Args) -> None:
     critic = TwinQ(state_dim, action_dim, hidden=args.critic_hidden).to(device)
     critic_target = copy.deepcopy(critic).requires_grad_(False)
     value = ValueNet(state_dim, hidden=args.critic_hidden).to(device)
-    models = {"behavior": behavior, "policy": policy, "critic": critic, "critic_target": critic_target,
-              "value": value}
-    optimizers = {"behavior": torch.optim.Adam(behavior.parameters(), lr=args.behavior_lr, capturable=graphs),
-                  "q": torch.optim.Adam(critic.parameters(), lr=args.critic_lr, capturable=graphs),
-                  "v": torch.optim.Adam(value.parameters(), lr=args.critic_lr, capturable=graphs),
-                  "policy": torch.optim.Adam(policy.parameters(), lr=args.align_lr, capturable=graphs)}
+    trainer = Trainer(run, args.log_every, args.save_every)
+    trainer.models = {"behavior": behavior, "policy": policy, "critic": critic, "critic_target": critic_target,
+                      "value": value}
+    optimizers = trainer.optimizers = {
+        "behavior": torch.optim.Adam(behavior.parameters(), lr=args.behavior_lr, capturable=graphs),
+        "q": torch.optim.Adam(critic.parameters(), lr=args.critic_lr, capturable=graphs),
+        "v": torch.optim.Adam(value.parameters(), lr=args.critic_lr, capturable=graphs),
+        "policy": torch.optim.Adam(policy.parameters(), lr=args.align_lr, capturable=graphs)}
+    trainer.state["normalizer"] = normalizer.state_dict()
     print(f"behavior model f: {count_parameters(behavior):,} parameters; critic {count_parameters(critic):,}")
+    if args.resume:
+        trainer.resume(run.load_checkpoint())
 
     # --compile fuses the elementwise work of each training loss (forward, input gradient and backward) into a few
     # kernels; sampling stays eager (its batch size changes as evaluation episodes end)
     compiled = torch.compile if args.compile else (lambda function: function)
     behavior_loss_fn, iql_losses_fn, alignment_loss_fn = map(compiled, (behavior_loss, iql_losses, alignment_loss))
 
-    completed: dict = {}          # stage name -> results (throughput, evaluations)
-    candidates: dict = {}         # "indices" (N_sel,), "actions" (N_sel,K,A), "q_labels" (N_sel,K), "done": int
-    stage, step, elapsed_before = "behavior", 0, 0.0
-    if state is not None:
-        for name, module in models.items():
-            load_module_state(module, state["models"][name], f"checkpoint model {name!r}")
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
-        completed, candidates = state["completed"], state["candidates"]
-        stage, step, elapsed_before = state["stage"], state["step"], state["elapsed_s"]
-        restore_rng(state["rng"])
-        print(f"resuming stage {stage} at step {step}")
-
-    def save(stage_name: str, stage_step: int, losses: dict[str, float] | None = None):
-        """Checkpoint everything; refuses (NonFiniteLossError) when a loss or a weight is not finite."""
-        for name, loss_value in (losses or {}).items():
-            check_finite(loss_value, f"{stage_name} ({name})", stage_step)
-        for name, module in models.items():
-            weights_sum = sum(float(parameter.detach().sum()) for parameter in module.parameters())
-            check_finite(weights_sum, f"{stage_name} ({name} weights)", stage_step)
-        return run.save_checkpoint({
-            "stage": stage_name, "step": stage_step, "completed": completed, "candidates": candidates,
-            "models": {name: module.state_dict() for name, module in models.items()},
-            "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
-            "rng": capture_rng(), "elapsed_s": elapsed_before + time.perf_counter() - started,
-            "normalizer": normalizer.state_dict()})
-
-    def save_and_exit(stage_name: str, stage_step: int, losses=None):
-        """After Ctrl-C: checkpoint, then exit with the conventional code 130."""
-        path = save(stage_name, stage_step, losses)
-        print(f"interrupted: checkpoint saved to {path}")
-        run.close()
-        raise SystemExit(130)
-
-    def start_step(stage_name: str) -> int:
-        return step if stage == stage_name else 0
-
-    def train_loop(stage_name, total_steps, train_step, loss_names):
-        """Shared loop around train_step() -> tuple of detached scalars (losses, then "charts/" metrics): logging,
-        finiteness checks, checkpoints, Ctrl-C. Yields the number of steps done after every step."""
-        first = start_step(stage_name)
-        running, running_steps = torch.zeros(len(loss_names), device=device), 0
-        latest = {name: 0.0 for name in loss_names}
-        bar = tqdm(range(first, total_steps), desc=stage_name, initial=first, total=total_steps,
-                   dynamic_ncols=True, mininterval=1.0)
-        timer_start = log_start = time.perf_counter()
-        for i in bar:
-            running += torch.stack(train_step())  # summed on the device: no host sync per step
-            running_steps, done = running_steps + 1, i + 1
-            if done % args.log_every == 0 or done == total_steps:
-                latest = dict(zip(loss_names, (running / running_steps).tolist()))
-                for name, loss_value in latest.items():
-                    check_finite(loss_value, f"{stage_name} ({name})", done)
-                    run.writer.add_scalar(name if "/" in name else f"losses/{name}", loss_value, done)
-                run.writer.add_scalar(f"charts/{stage_name}_steps_per_s",
-                                      running_steps / (time.perf_counter() - log_start), done)
-                bar.set_postfix({name.split("/")[-1]: f"{v:.4g}" for name, v in latest.items()})
-                running.zero_()
-                running_steps, log_start = 0, time.perf_counter()
-            yield done
-            if done % args.save_every == 0 and done < total_steps:
-                save(stage_name, done, {"losses since the last log": float(running.sum()), **latest})
-            if run.interrupted():
-                save_and_exit(stage_name, done, {"losses since the last log": float(running.sum())})
-        bar.close()
-        seconds = time.perf_counter() - timer_start
-        completed.setdefault("throughput", {})[f"{stage_name}_steps_per_s"] = (total_steps - first) / max(seconds, 1e-9)
-
     # ============================================================================================================
     # Stage 1: behavior pretraining (denoising score matching through grad_a f; dropout on)
     # ============================================================================================================
-    if loaded_behavior is not None and "behavior" not in completed:
-        load_module_state(behavior, loaded_behavior["models"]["behavior"], "--load-behavior model")
-        completed["behavior"] = {"loaded_from": args.load_behavior}
-        print(f"behavior model loaded from {args.load_behavior}")
-    if "behavior" not in completed:
+    if "behavior" in loaded and "behavior" not in trainer.done:
+        trainer.load_stage("behavior", loaded["behavior"], args.load_behavior, ("behavior",))
+    if "behavior" not in trainer.done:
         behavior.train()
 
         def behavior_step():
@@ -463,24 +390,19 @@ def main(args: Args) -> None:
             optimizers["behavior"].zero_grad(set_to_none=True)
             loss.backward()
             optimizers["behavior"].step()
-            return (loss.detach(),)
+            return {"loss": loss.detach()}
 
-        for _ in train_loop("behavior", args.behavior_steps, cuda_graphed(behavior_step, graphs), ["behavior"]):
-            pass
-        completed["behavior"] = {"steps": args.behavior_steps}
-        stage, step = "critic", 0
-        save(stage, step)
+        trainer.run_stage("behavior", args.behavior_steps, cuda_graphed(behavior_step, graphs),
+                          optimizer=optimizers["behavior"])
+        trainer.finish("behavior", {"steps": args.behavior_steps})
     behavior.eval().requires_grad_(False)
 
     # ============================================================================================================
     # Stage 2: IQL critic (twin Q with Polyak targets, expectile V)
     # ============================================================================================================
-    if loaded_critic is not None and "critic" not in completed:
-        for name in ("critic", "critic_target", "value"):
-            load_module_state(models[name], loaded_critic["models"][name], f"--load-critic model {name!r}")
-        completed["critic"] = {"loaded_from": args.load_critic}
-        print(f"critic loaded from {args.load_critic}")
-    if "critic" not in completed:
+    if "critic" in loaded and "critic" not in trainer.done:
+        trainer.load_stage("critic", loaded["critic"], args.load_critic, ("critic", "critic_target", "value"))
+    if "critic" not in trainer.done:
         target_params, online_params = list(critic_target.parameters()), list(critic.parameters())
 
         def critic_step():
@@ -494,129 +416,96 @@ def main(args: Args) -> None:
             optimizers["q"].step()
             with torch.no_grad():
                 torch._foreach_lerp_(target_params, online_params, args.polyak)
-            return value_loss.detach(), q_loss.detach()
+            return {"value": value_loss.detach(), "q": q_loss.detach()}
 
-        for _ in train_loop("critic", args.critic_steps, cuda_graphed(critic_step, graphs), ["value", "q"]):
-            pass
-        completed["critic"] = {"steps": args.critic_steps}
-        stage, step = "candidates", 0
-        save(stage, step)
+        trainer.run_stage("critic", args.critic_steps, cuda_graphed(critic_step, graphs), optimizer=optimizers["q"])
+        trainer.finish("critic", {"steps": args.critic_steps})
     critic_target.eval()
 
     # ============================================================================================================
     # Stage 3: K candidates per selected dataset state from the frozen behavior model, labelled by min target Q
     # ============================================================================================================
-    if "candidates" not in completed:
+    if "candidates" not in trainer.done:
+        candidates = trainer.state.setdefault("candidates", {})
         if not candidates:
             selection = select_states(num_transitions, args.data_ratio)
-            num_selected = len(selection)
-            candidates = {"indices": selection,
-                          "actions": torch.zeros(num_selected, args.K, action_dim),
-                          "q_labels": torch.zeros(num_selected, args.K), "done": 0}
+            candidates.update(indices=selection, actions=torch.zeros(len(selection), args.K, action_dim),
+                              q_labels=torch.zeros(len(selection), args.K), done=0)
         num_selected = len(candidates["indices"])
-        batches = range(candidates["done"], num_selected, args.candidate_batch_size)
         sample_candidates = cuda_graphed(lambda batch_states: generate_candidates(
             behavior, critic_target, diffusion, batch_states, args.K, action_low, action_high), graphs)
         timer_start, sampled = time.perf_counter(), 0
+        batches = range(candidates["done"], num_selected, args.candidate_batch_size)
         for batch_number, first in enumerate(tqdm(batches, desc="candidates", dynamic_ncols=True), start=1):
             index = candidates["indices"][first:first + args.candidate_batch_size].to(device)
             sampled_actions, q_labels = sample_candidates(observations[index])
             rows = slice(first, first + len(index))
             candidates["actions"][rows], candidates["q_labels"][rows] = sampled_actions.cpu(), q_labels.cpu()
             candidates["done"], sampled = rows.stop, sampled + len(index)
-            if batch_number % args.save_every == 0 and rows.stop < num_selected:
-                save("candidates", candidates["done"])
-            if run.interrupted():
-                save_and_exit("candidates", candidates["done"])
+            trainer.at("candidates", rows.stop, save=batch_number % args.save_every == 0 and rows.stop < num_selected)
         if sampled:
-            seconds = time.perf_counter() - timer_start
-            completed.setdefault("throughput", {})["candidates_states_per_s"] = sampled / max(seconds, 1e-9)
+            trainer.throughput["candidates_states_per_s"] = sampled / max(time.perf_counter() - timer_start, 1e-9)
         check_finite(float(candidates["q_labels"].sum()), "candidates (Q labels)", candidates["done"])
-        completed["candidates"] = {"states": num_selected, "K": args.K}
         print(f"candidates: {num_selected} states x K={args.K}, Q labels mean {candidates['q_labels'].mean():.3f}")
-        stage, step = "alignment", 0
-        save(stage, step)
+        trainer.finish("candidates", {"states": num_selected, "K": args.K})
+    candidates = trainer.state["candidates"]
 
     # ============================================================================================================
     # Stage 4: alignment of the policy (a copy of the behavior model, dropout 0) by the contrastive Q loss
     # ============================================================================================================
     def evaluate_model(model, n):
-        """Returns (stats, EvalResult, ms per action) of best-of-n sampling from `model`."""
+        """(stats, BestOfNPolicy) of best-of-n sampling from `model`, with coherency on Nav1D."""
         policy_fn = BestOfNPolicy(model, critic_target, diffusion, normalizer, n, action_low, action_high,
                                   seed=args.seed + 1, device=device, cuda_graphs=graphs)
         result = evaluate(policy_fn, data.make_env, args.eval_episodes, seed=args.seed,
                           max_steps=args.eval_max_steps or None)
         stats = stage_stats(result.returns, normalized_score(data, result.returns))
-        return stats, result, 1000.0 * policy_fn.seconds / max(policy_fn.calls, 1)
+        if data.family == "nav1d":
+            kind = next(kind for kind in nav1d.DATASET_KINDS if kind in data.name)
+            states = np.concatenate([episode[:-1] for episode in result.observations])  # drop the final observations
+            stats["coherency"] = nav1d.policy_coherency(kind, states, np.concatenate(result.actions))
+        return stats, policy_fn
 
-    if "alignment" not in completed:
-        if start_step("alignment") == 0:
+    if "alignment" not in trainer.done:
+        if trainer.start_step("alignment") == 0:
             policy.load_state_dict(behavior.state_dict())
         policy.eval()  # dropout 0; gradients still flow
-        candidate_actions = candidates["actions"].to(device)
-        candidate_q = candidates["q_labels"].to(device)
+        candidate_actions, candidate_q = candidates["actions"].to(device), candidates["q_labels"].to(device)
         candidate_states = observations[candidates["indices"].to(device)]
-        num_selected = len(candidate_states)
 
         def alignment_step():
-            index = torch.randint(num_selected, (args.align_batch_size,), device=device)
+            index = torch.randint(len(candidate_states), (args.align_batch_size,), device=device)
             loss, accuracy = alignment_loss_fn(policy, behavior, candidate_states[index], candidate_actions[index],
-                                            candidate_q[index], args, sde)
+                                               candidate_q[index], args, sde)
             optimizers["policy"].zero_grad(set_to_none=True)
             loss.backward()
             optimizers["policy"].step()
-            return loss.detach(), accuracy.detach()
+            return {"loss": loss.detach(), "accuracy": accuracy.detach()}
 
-        for done in train_loop("alignment", args.align_steps, cuda_graphed(alignment_step, graphs),
-                               ["alignment", "charts/align_accuracy"]):
+        for done in trainer.train("alignment", args.align_steps, cuda_graphed(alignment_step, graphs),
+                                  optimizer=optimizers["policy"]):
             if args.eval_every and done % args.eval_every == 0 and done < args.align_steps:
-                stats, _, _ = evaluate_model(policy, args.eval_candidates)
-                run.writer.add_scalar("eval/aligned_return", stats["return_mean"], done)
-                run.writer.add_scalar("eval/aligned_normalized", stats["normalized_mean"], done)
-                tqdm.write(f"alignment step {done}: return {stats['return_mean']:.3f}, "
-                           f"normalized {stats['normalized_mean']:.1f}")
-        completed["alignment"] = {"steps": args.align_steps}
-        stage, step = "evaluation", 0
-        save(stage, step)
+                trainer.log_eval(evaluate_model(policy, args.eval_candidates)[0])
+        trainer.finish("alignment", {"steps": args.align_steps})
 
     # ============================================================================================================
     # Stage 5: evaluation of the behavior model and the aligned policy (best of eval_candidates by Q, and 1)
     # ============================================================================================================
-    evaluations = completed.setdefault("evaluations", {})
-    coherency = completed.setdefault("coherency", {})
-    plan = [("behavior", behavior, args.eval_candidates), ("aligned", policy, args.eval_candidates)]
+    policy.eval()
+    plan = [("behavior", behavior, args.eval_candidates, "behavior"), ("aligned", policy, args.eval_candidates, "")]
     if args.eval_candidates > 1:  # also the plain diffusion policies, one sample per state
-        plan += [("behavior_1cand", behavior, 1), ("aligned_1cand", policy, 1)]
-    for index, (name, model, n) in enumerate(plan):
-        if name in evaluations:
+        plan += [("behavior_1cand", behavior, 1, "behavior_1cand"), ("aligned_1cand", policy, 1, "aligned_1cand")]
+    for index, (name, model, n, label) in enumerate(plan):
+        if name in trainer.results:
             continue
-        stats, result, latency_ms = evaluate_model(model, n)
-        evaluations[name] = stats
-        completed.setdefault("throughput", {})[f"{name}_action_latency_ms"] = latency_ms
-        for key in ("return_mean", "normalized_mean"):
-            run.writer.add_scalar(f"eval/{name}_{key}", stats[key], args.align_steps)
-        print(f"{name:>16}: return {stats['return_mean']:.3f} +- {stats['return_std']:.3f}, "
-              f"normalized score {stats['normalized_mean']:.1f} +- {stats['normalized_std']:.1f}")
-        if data.family == "nav1d":
-            kind = next(kind for kind in nav1d.DATASET_KINDS if kind in data.name)
-            states = np.concatenate([episode[:-1] for episode in result.observations])  # drop the final observations
-            coherency[name] = nav1d.policy_coherency(kind, states, np.concatenate(result.actions))
-        save("evaluation", index + 1)
-        if run.interrupted():
-            save_and_exit("evaluation", index + 1)
-
-    throughput = dict(completed.get("throughput", {}))
-    throughput["action_latency_ms"] = throughput.get("aligned_action_latency_ms", float("nan"))
-    summary = {"script": SCRIPT, "env": args.env, "seed": args.seed, "stages": evaluations,
-               "throughput": throughput, "wall_time_s": elapsed_before + time.perf_counter() - started,
-               "device": str(device), "args": asdict(args)}
-    if data.family == "nav1d":
-        summary["coherency"] = coherency
-    run.write_summary(summary)
-    stage, step = "done", 0
-    save(stage, step)
-    print_results_table(evaluations)
-    print(f"summary: {run.run_dir / 'summary.json'}")
+        stats, policy_fn = evaluate_model(model, n)
+        trainer.record(name, stats, label)
+        if name == "aligned":
+            first_observation = np.asarray(data.make_env().reset(seed=args.seed)[0], dtype=np.float32)[None]
+            trainer.throughput["action_latency_ms"] = action_latency_ms(
+                lambda: policy_fn(first_observation, np.zeros(1, dtype=np.int64)))
+        trainer.at("evaluation", index + 1, save=True)
+    trainer.write_summary(SCRIPT, args, data.family)
     run.close()
 
 

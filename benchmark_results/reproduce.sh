@@ -5,13 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Speed: every script in one run, with the matmul peak (throughput.md), then the per-script files.
-python benchmark_results/throughput.py
-python benchmark_results/bench_eda_speed.py --repeats 3 --candidate-states 64 --compile
-python benchmark_results/dp_speed.py
-python benchmark_results/diffuser_speed.py --threads 1 2
+# Speed: every hot loop on one CPU thread (cpu_speed.md). The GPU files (gpu.md, gpu_speed.md) come from
+#   python -m benchmarks.speed --device cuda --official-eda EDA_CHECKOUT --cleandiffuser CLEANDIFFUSER_CHECKOUT
+#   python -m benchmarks.speed --scripts-on local/hopper/medium-replay-v0 --device cuda
+python -m benchmarks.speed --device cpu --threads 1 --json benchmark_results/cpu_speed.json \
+    --out benchmark_results/cpu_speed.md
 
 # Nav1D tables and figures (--jobs = runs in parallel, one thread each). The planner grid is the slow one
 # (~4.5 CPU-minutes per run), hence seeds 0-3 there; policies and methods share their DP expectation runs.
-python benchmark_results/nav1d_tables.py --tables planners --seeds 0 1 2 3 --jobs 2
-python benchmark_results/nav1d_tables.py --tables policies methods eda_ratio --seeds 0 1 2 3 4 --jobs 2
+python -m benchmarks.nav1d_tables --tables planners --seeds 0 1 2 3 --jobs 2
+python -m benchmarks.nav1d_tables --tables policies methods eda_ratio --seeds 0 1 2 3 4 --jobs 2

@@ -17,8 +17,14 @@ what it measured; variants without torch.compile run first, since compilation ta
         --official-eda PATH/Efficient-Diffusion-Alignment --cleandiffuser PATH/CleanDiffuser
 
 (`git clone https://github.com/thu-ml/Efficient-Diffusion-Alignment` and
-`git clone https://github.com/CleanDiffuserTeam/CleanDiffuser` give the two paths; their code is imported from
-there unchanged, never copied here). On the CPU only the eager rows of our loops run (the test suite's check).
+`git clone https://github.com/CleanDiffuserTeam/CleanDiffuser` give the two paths; their code is loaded from there
+unchanged, never copied here). On the CPU only the eager rows of our loops run. The report also gives the device's
+fp32 matmul rate, measured before and after the loops: on a shared machine a drop means other jobs took it meanwhile.
+
+With --scripts-on DATASET it times the three scripts themselves instead, end to end for a few thousand steps (data
+sampling, logging, checkpoints and evaluation included), with and without CUDA graphs or --compile:
+
+    python -m benchmarks.speed --scripts-on local/hopper/medium-replay-v0 --device cuda --out scripts.md
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import importlib
 import importlib.util
 import json
 import math
+import shlex
 import statistics
 import subprocess
 import sys
@@ -193,6 +200,14 @@ def seconds_per_call(call: Callable[[], Any], device: torch.device, window_s: fl
         synchronize(device)
         per_call.append((time.perf_counter() - start) / calls)
     return first, statistics.median(per_call), min(per_call), max(per_call)
+
+
+def matmul_gflops(device: torch.device, size: int, seconds: float = 1.0) -> float:
+    """fp32 GFLOP/s of back-to-back size^3 matmuls (the TF32 switch off): the ceiling the loops are set against."""
+    left, right = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    with precision(DEFAULTS):
+        _, median, _, _ = seconds_per_call(lambda: left @ right, device, seconds / 5, 5, warmup=2)
+    return 2 * size**3 / median / 1e9
 
 
 def outputs_finite(outputs) -> bool:
@@ -435,25 +450,36 @@ def diffuser_cases(device: torch.device, train_variants, sample_variants) -> lis
 # ---------------------------------------------------------------------------------------------------------------------
 # The other projects, imported unchanged from their checkouts
 # ---------------------------------------------------------------------------------------------------------------------
-def import_from_checkout(checkout: Path, *modules: str) -> list[types.ModuleType]:
-    """Import modules of another project's checkout, whose files import each other by top-level name, with the
-    checkout on the import path only while importing. The authors' EDA `utils.py` imports d4rl and gym (old gym) at
-    the top but only uses them in functions we do not call: where they are not installed, empty stand-ins let it
-    import."""
+def load_from_checkout(path: Path, name: str) -> types.ModuleType:
+    """Load the module (a .py file) or package (a folder) at `path` under the top-level `name` it has in its own
+    project, so that its imports of its sibling files and submodules resolve to the checkout."""
+    if path.is_dir():
+        spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
+    else:
+        spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def import_authors_eda(checkout: Path) -> tuple[types.ModuleType, types.ModuleType]:
+    """BDiffusion and utils of the authors' EDA code. Its files import each other by top-level name (model imports
+    dpm_solver_pytorch, BDiffusion imports model), so they are loaded in that order. `utils.py` imports d4rl and
+    gym (old gym) at the top but uses them only in functions we do not call: where they are not installed, empty
+    stand-ins let it load."""
     for missing in ("d4rl", "gym"):
         if missing not in sys.modules and importlib.util.find_spec(missing) is None:
-            sys.modules.setdefault(missing, types.ModuleType(missing))
-    sys.path.insert(0, str(checkout))
-    try:
-        return [importlib.import_module(name) for name in modules]
-    finally:
-        sys.path.remove(str(checkout))
+            sys.modules[missing] = types.ModuleType(missing)
+    for name in ("dpm_solver_pytorch", "model", "utils", "BDiffusion"):
+        load_from_checkout(checkout / f"{name}.py", name)
+    return sys.modules["BDiffusion"], sys.modules["utils"]
 
 
 def official_eda_cases(checkout: Path, device: torch.device, data: dict[str, torch.Tensor], workdir: Path) -> list[Case]:
     """The authors' EDA code (hopper, its defaults: MLPResNet with 3 blocks, dropout 0.1, linear VP-SDE, 15-step
     DPM-Solver, IQL critic), timed through its own update and sampling methods on the same tensors as ours."""
-    bdiffusion, official_utils = import_from_checkout(checkout, "BDiffusion", "utils")
+    bdiffusion, official_utils = import_authors_eda(checkout)
     args = types.SimpleNamespace(device=str(device), env="hopper-medium-v2", model_type="MLPResNet", actor_blocks=3,
                                  dropout_rate=0.1, critic_type="IQL", q_layer=2, alpha=3.0, beta=0.2, M=16)
     marginal_prob_std = functools.partial(official_utils.marginal_prob_std, device=str(device), beta_1=20.0)
@@ -547,9 +573,10 @@ def cleandiffuser_cases(checkout: Path, device: torch.device) -> list[Case]:
     """CleanDiffuser's Diffuser (DiscreteDiffusionSDE + JannerUNet1d, x0 prediction, 20 diffusion steps, DDPM
     solver, as its diffuser_d4rl_mujoco pipeline) with our planner's U-Net size (model_dim 32, dim_mult 1-2-4,
     kernel 5) and horizon 32, timed through its own update and sample methods."""
-    diffusion_module, nn_diffusion, nn_classifier, classifier_module = import_from_checkout(
-        checkout, "cleandiffuser.diffusion", "cleandiffuser.nn_diffusion", "cleandiffuser.nn_classifier",
-        "cleandiffuser.classifier")
+    load_from_checkout(checkout / "cleandiffuser", "cleandiffuser")
+    diffusion_module, nn_diffusion, nn_classifier, classifier_module = (importlib.import_module(f"cleandiffuser.{name}")
+                                                                        for name in ("diffusion", "nn_diffusion",
+                                                                                     "nn_classifier", "classifier"))
     horizon, x_dim, plans = DIFFUSER_SHAPE["horizon"], STATE_DIM + ACTION_DIM, DIFFUSER_SHAPE["num_plans"]
     dim_mult = list(DIFFUSER_SHAPE["unet_dim_mults"])
     fix_mask = torch.zeros(horizon, x_dim)
@@ -641,7 +668,10 @@ class Benchmark:
         return row
 
     def run(self, cases: list[Case]) -> None:
-        """Every case's variants without torch.compile first, then the compiled ones (slow to start)."""
+        """Every case's variants without torch.compile first, then the compiled ones (slow to start); the matmul
+        rate before and after."""
+        size = 4096 if self.device.type == "cuda" else 1024
+        self.environment["matmul_gflops"] = [matmul_gflops(self.device, size)]
         for compiled in (False, True):
             for case in cases:
                 for variant in case.variants:
@@ -653,6 +683,7 @@ class Benchmark:
                     print(f"{case.group:9s} {case.loop:55s} {case.implementation:28s} {variant.name:34s} {value}",
                           flush=True)
                     self.write()
+        self.environment["matmul_gflops"].append(matmul_gflops(self.device, size))
 
     # ----- reporting ------------------------------------------------------------------------------------------------
     def results(self) -> dict:
@@ -725,6 +756,10 @@ def comparisons(rows: list[Row]) -> list[str]:
     return lines
 
 
+def duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
 def paper_scale_eda_hours(rows: list[Row]) -> list[str]:
     """EDA at paper scale (DESIGN 3) from the fastest measured rates: 1M behavior steps at batch 2048, 1.5M critic
     steps at 256, 16 candidates for each of hopper-medium's ~1M states, 200k alignment steps, and 4 evaluations of
@@ -740,14 +775,14 @@ def paper_scale_eda_hours(rows: list[Row]) -> list[str]:
             return []
         seconds = amount / row.value
         total += seconds
-        lines.append(f"| {label} | {row.variant} | {row.value:.4g} {row.unit} | {seconds / 60:.1f} min |")
+        lines.append(f"| {label} | {row.variant} | {row.value:.4g} {row.unit} | {duration(seconds)} |")
     action = best_row(rows, "evaluation action, 20 envs, best of 4 by Q", "ours")
     if action is not None:
         seconds = 4 * 1000 * action.value / 1000  # network time only; MuJoCo stepping comes on top
         total += seconds
         lines.append(f"| evaluation, 4 x 20 episodes x 1000 steps (network only) | {action.variant} | "
-                     f"{action.value:.3g} ms per step of 20 envs | {seconds / 60:.1f} min |")
-    lines.append(f"| **total** | | | **{total / 3600:.2f} h** |")
+                     f"{action.value:.3g} ms per step of 20 envs | {duration(seconds)} |")
+    lines.append(f"| **total** | | | **{duration(total)}** |")
     return lines
 
 
@@ -756,7 +791,7 @@ def report(results: dict) -> str:
     EDA estimate."""
     env, rows = results["environment"], [Row(**{**row, "ms_range": tuple(row["ms_range"])}) for row in results["rows"]]
     where = (f"{env.get('gpu')}, driver {env.get('driver', '?')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}"
-             if env["device"].startswith("cuda") else f"CPU, {env.get('cpu_threads')} torch threads")
+             if env["device"].startswith("cuda") else f"CPU, {env.get('cpu_threads')} torch thread(s)")
     lines = [f"# Speed on {where}", "",
              f"torch {env['torch']}, Python {env['python']}, commit `{env['commit']}`. Measured by `{env['command']}`.",
              "",
@@ -766,6 +801,9 @@ def report(results: dict) -> str:
              "CUDA graph capture. Latencies include copying the observation to the device and the action back. TF32: "
              "float32 matmuls on TF32 tensor cores (`torch.set_float32_matmul_precision('high')`); cuDNN convolutions "
              "use TF32 in every row (torch's default).", ""]
+    if env.get("matmul_gflops"):
+        lines += ["fp32 matmul rate of this device, before and after the loops: "
+                  + " and ".join(f"{value:.0f}" for value in env["matmul_gflops"]) + " GFLOP/s.", ""]
     header = ["| loop | implementation | variant | rate or latency | ms per call (range) | first call (s) | "
               "peak memory (MiB) | note |", "|---|---|---|---|---|---|---|---|"]
     for group in dict.fromkeys(row.group for row in rows):
@@ -796,6 +834,55 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The scripts end to end (--scripts-on)
+# ---------------------------------------------------------------------------------------------------------------------
+SCRIPT_SHORT_STAGES = {  # a few thousand steps: the numbers are speeds, not returns
+    "eda_d4rl": ["--behavior-steps", "2000", "--critic-steps", "2000", "--data-ratio", "0.05", "--align-steps", "2000",
+                 "--eval-every", "0", "--eval-episodes", "2", "--eval-max-steps", "100", "--log-every", "500"],
+    "dp_align": ["--foundation-steps", "1000", "--critic-steps", "1000", "--align", "rl", "--rl-steps", "20",
+                 "--eval-episodes", "2", "--eval-max-steps", "100"],
+    "diffuser_align": ["--foundation-steps", "1000", "--critic-steps", "1000", "--align", "qvpg", "--qvpg-steps", "20",
+                       "--horizon", "32", "--eval-episodes", "2", "--eval-max-steps", "100"],
+}
+SCRIPT_MODES = {"eager": ["--no-cuda-graphs"], "CUDA graphs": [], "CUDA graphs + compile": ["--compile"]}
+
+
+def time_scripts(options: argparse.Namespace) -> None:
+    """Run every script in every mode on one dataset and tabulate the `throughput` block of each summary.json."""
+    rows, commands = [], []
+    for mode in options.modes.split(","):
+        for script in options.scripts.split(","):
+            run_dir = options.runs / f"{script}__{mode.replace(' ', '_').replace('+', 'and')}"
+            command = [sys.executable, f"{script}.py", "--env", options.scripts_on, "--device", options.device,
+                       "--seed", "0", "--run-dir", str(run_dir), *SCRIPT_SHORT_STAGES[script], *SCRIPT_MODES[mode]]
+            commands.append(shlex.join(["python", *command[1:]]))
+            started = time.perf_counter()
+            try:
+                result = subprocess.run(command, capture_output=True, text=True, timeout=options.timeout_s, cwd=REPO)
+                failure = "" if result.returncode == 0 else f"exit {result.returncode}: {result.stderr.strip()[-300:]}"
+            except subprocess.TimeoutExpired:
+                failure = f"timed out after {options.timeout_s:.0f} s"
+            summary = run_dir / "summary.json"
+            throughput = json.loads(summary.read_text())["throughput"] if summary.exists() and not failure else {}
+            rows.append({"script": script, "mode": mode, "wall_s": time.perf_counter() - started, "failure": failure,
+                         **throughput})
+            print(json.dumps(rows[-1]), flush=True)
+    keys = sorted({key for row in rows for key in row} - {"script", "mode", "wall_s", "failure"})
+    lines = ["| script | mode | wall (s) | " + " | ".join(keys) + " | failure |",
+             "|---|---|---|" + "---|" * len(keys) + "---|"]
+    for row in rows:
+        cells = [f"{row[key]:.4g}" if isinstance(row.get(key), float) else "-" for key in keys]
+        lines.append(f"| {row['script']} | {row['mode']} | {row['wall_s']:.0f} | " + " | ".join(cells)
+                     + f" | {row['failure']} |")
+    text = "\n".join(lines + ["", "Commands:", "", "```bash", *commands, "```", ""])
+    print(text)
+    if options.out:
+        Path(options.out).write_text(text)
+    if options.json:
+        Path(options.json).write_text(json.dumps(rows, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -814,6 +901,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="markdown report, rewritten after every row")
     parser.add_argument("--commit", default="", help="commit to name in the report (default: git rev-parse)")
     parser.add_argument("--from-json", type=Path, help="measure nothing: rewrite --out from a JSON file of a run")
+    parser.add_argument("--scripts-on", metavar="DATASET", help="time the scripts end to end on DATASET instead")
+    parser.add_argument("--scripts", default="eda_d4rl,dp_align,diffuser_align", help="with --scripts-on: which")
+    parser.add_argument("--modes", default="CUDA graphs,eager", help="with --scripts-on, comma-separated from: "
+                                                                      + ", ".join(SCRIPT_MODES))
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "speed", help="with --scripts-on: run folders")
+    parser.add_argument("--timeout-s", type=float, default=600, help="with --scripts-on: limit per run")
     options = parser.parse_args(argv)
     options.argv = sys.argv[1:] if argv is None else argv
     if options.from_json:
@@ -823,6 +916,11 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but no CUDA device is available")
+    if options.scripts_on:
+        unknown = set(options.scripts.split(",")) - set(SCRIPT_SHORT_STAGES) or set(options.modes.split(",")) - set(SCRIPT_MODES)
+        if unknown:
+            parser.error(f"unknown --scripts or --modes entries: {', '.join(sorted(unknown))}")
+        return time_scripts(options)
     if options.threads:
         torch.set_num_threads(options.threads)
     groups = set(options.groups.split(","))

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: bookkeeping of common.training.Trainer (done stages, global step, script state)
 
 
 class UserError(Exception):
@@ -162,8 +162,11 @@ def read_checkpoint_file(path: str | Path, script: str | None = None) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for truncated zip archives
         raise CorruptCheckpointError(f"checkpoint '{path}' is corrupt or truncated ({type(error).__name__})") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or "format" not in state:
         raise UserError(f"'{path}' is not a checkpoint written by this project")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint '{path}' was written by another version of this project (format "
+                        f"{state['format']}; this version reads format {CHECKPOINT_FORMAT})")
     if script is not None and state.get("script") != script:
         raise UserError(f"checkpoint '{path}' was written by {state.get('script')}.py, not {script}.py")
     return state

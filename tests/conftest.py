@@ -1,12 +1,11 @@
-"""Test setup: repository root on sys.path and every Minari dataset in a per-session temporary folder."""
+"""Test setup: every Minari dataset in a per-session temporary folder (pytest.ini puts the repository root on the
+import path)."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 
 @pytest.fixture(scope="session", autouse=True)

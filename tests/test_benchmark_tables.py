@@ -2,13 +2,10 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark_results import nav1d_tables  # noqa: E402
-from benchmark_results.runner import run_jobs  # noqa: E402
+from benchmarks import nav1d_tables
+from benchmarks.runner import run_jobs
 
 
 def write_summary(job, before: float, after: float) -> None:

@@ -56,5 +56,11 @@ def test_paper_scale_estimate_adds_the_stages_at_their_measured_rates():
             _row("candidates, 1024 states x K 16 per call", "ours", "g", 10_000.0, "states/s"),  # 100 s
             _row("alignment step, 256 states x K 16", "ours", "g", 200.0)]  # 200k steps: 1000 s
     lines = paper_scale_eda_hours(rows)
-    assert lines[-1] == "| **total** | | | **0.86 h** |"  # 3100 s
+    assert lines[-1] == "| **total** | | | **51.7 min** |"  # 3100 s
     assert paper_scale_eda_hours(rows[:3]) == []  # a missing stage gives no estimate
+
+
+def test_unknown_script_modes_are_refused_with_exit_code_2(repo_root):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--device", "cpu", "--scripts-on", "nav1d-full",
+                             "--modes", "eager,turbo"], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "turbo" in result.stderr

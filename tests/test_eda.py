@@ -208,7 +208,7 @@ def test_load_behavior_and_critic_from_another_run(tmp_path, tiny_nav1d_run):
     result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "reuse"), *TINY_NAV1D,
                         "--load-behavior", str(checkpoint), "--load-critic", str(checkpoint))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "behavior model loaded from" in result.stdout and "critic loaded from" in result.stdout
+    assert "behavior loaded from" in result.stdout and "critic loaded from" in result.stdout
     wrong_shape = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "bad"), *TINY_NAV1D,
                              "--hidden", "24", "--load-behavior", str(checkpoint))
     assert wrong_shape.returncode == 2 and "does not fit" in wrong_shape.stderr

@@ -1,8 +1,8 @@
 """Reproduce the Nav1D tables and figures of benchmark_results/ from the scripts' summary.json files.
 
-    python benchmark_results/nav1d_tables.py --tables planners policies methods --seeds 0 1 2 --jobs 2
+    python -m benchmarks.nav1d_tables --tables planners policies methods --seeds 0 1 2 --jobs 2
 
-Tables (markdown, written next to this file):
+Tables (markdown, written to benchmark_results/):
 - nav1d_planners.md : paper Table 2 on Nav1D (Diffuser ddpm/ddim/sm/fm, DD ddpm x partial/full/expert)
 - nav1d_policies.md : paper Table 3 on Nav1D (DP expectation / idql x partial/full/expert)
 - nav1d_methods.md  : EDA and every alignment method alone, and rl,dpo,sft with 1-3 passes, all methods from the
@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark_results.runner import Job, git_commit, markdown_table, mean_std, run_jobs  # noqa: E402
+from benchmarks.runner import REPO_ROOT, Job, git_commit, markdown_table, mean_std, run_jobs
 
-HERE = Path(__file__).resolve().parent
+HERE = REPO_ROOT / "benchmark_results"  # where the tables and figures go
 DATASETS = ("partial", "full", "expert")
 # Paper numbers, before -> after (Huh & Mohapatra, Tables 2 and 3; their Nav1D, not ours: compare trend and scale).
 PAPER_PLANNERS = {
@@ -352,7 +351,7 @@ def main() -> None:
     options = parser.parse_args()
     out = options.out.resolve()
     arguments = shlex.join(a for a in sys.argv[1:] if a != "--report-only")
-    command = f"`python benchmark_results/nav1d_tables.py {arguments}`" + (
+    command = f"`python -m benchmarks.nav1d_tables {arguments}`" + (
         " (this file rebuilt from the finished runs with `--report-only`)" if options.report_only else "")
 
     planners = planner_jobs(out, options.seeds) if "planners" in options.tables else []

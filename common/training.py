@@ -1,0 +1,219 @@
+"""The run machinery every script shares: stage bookkeeping for --resume and --load-*, checkpoints, the training
+loop, evaluation records and the TensorBoard tags, so that a script holds only its method.
+
+A run is a sequence of named stages ("behavior", "critic", "pass1/rl", ...). The `Trainer` knows which stages are
+done, which one is in progress and at which step, the modules and optimisers to checkpoint (the script registers them
+as it makes them), and the global step: the number of training steps over all stages so far, the x axis of every
+TensorBoard curve, so curves never go back when a new stage or pass starts.
+
+TensorBoard tags (CleanRL's convention):
+  losses/{stage}/{name}    every value a training step returns, averaged over `log_every` steps
+  charts/SPS               training steps per second of the current stage
+  charts/learning_rate     the learning rate of the stage's optimiser
+  eval/{metric}            return, return_std, normalized_score (and coherency on Nav1D) of each evaluated stage
+  eval/{label}/{metric}    the same for side evaluations (e.g. EDA's behavior model, one-sample policies)
+"""
+from __future__ import annotations
+
+import time
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.runtime import (Run, UserError, capture_rng, check_finite, load_module_state, print_results_table,
+                            read_checkpoint_file, restore_rng)
+
+StepMetrics = dict[str, torch.Tensor]
+
+
+class Trainer:
+    def __init__(self, run: Run, log_every: int, save_every: int):
+        self.run, self.log_every, self.save_every = run, log_every, save_every
+        self.models: dict[str, torch.nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.done: dict[str, dict] = {}  # finished stage -> what it recorded
+        self.stage, self.step = "", 0  # the stage in progress and its next step
+        self.global_step = 0
+        self.throughput: dict[str, float] = {}
+        self.results: dict[str, dict] = {}  # evaluations, in the order they were made
+        self.state: dict[str, Any] = {}  # the script's own checkpointed state (candidates, online data, ...)
+        self.started, self.elapsed_before = time.perf_counter(), 0.0
+        self.checkpoint: dict | None = None  # the checkpoint this run resumed from
+
+    # ----- checkpoints ---------------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Checkpoint everything registered; a non-finite weight stops the run first (the last good one is kept)."""
+        for name, module in self.models.items():
+            check_finite(sum(float(p.detach().sum()) for p in module.parameters()), f"{self.stage} ({name} weights)",
+                         self.step)
+        return self.run.save_checkpoint({
+            "stage": self.stage, "step": self.step, "global_step": self.global_step, "done": self.done,
+            "results": self.results, "throughput": self.throughput, "state": self.state,
+            "models": {name: module.state_dict() for name, module in self.models.items()},
+            "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+            "rng": capture_rng(), "elapsed_s": self.elapsed()})
+
+    def resume(self, checkpoint: dict) -> None:
+        """Continue from `checkpoint`: bookkeeping, script state, RNG, and every registered module and optimiser it
+        holds. Modules made later in the run (an aligned policy, a cascade) are loaded when registered (`adopt`)."""
+        self.checkpoint = checkpoint
+        self.stage, self.step, self.global_step = checkpoint["stage"], checkpoint["step"], checkpoint["global_step"]
+        self.done, self.results = checkpoint["done"], checkpoint["results"]
+        self.throughput, self.state = checkpoint["throughput"], checkpoint["state"]
+        self.elapsed_before = checkpoint["elapsed_s"]
+        for name in list(self.models):
+            self.adopt_module(name, self.models[name])
+        for name in list(self.optimizers):
+            self.adopt_optimizer(name, self.optimizers[name], self.stage)
+        restore_rng(checkpoint["rng"])
+        print(f"resuming stage {self.stage or '(between stages)'} at step {self.step}")
+
+    def adopt_module(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        """Register a module to checkpoint; when resuming, load its saved weights."""
+        self.models[name] = module
+        if self.checkpoint is not None and name in self.checkpoint["models"]:
+            load_module_state(module, self.checkpoint["models"][name], f"checkpoint model {name!r}")
+        return module
+
+    def adopt_optimizer(self, name: str, optimizer: torch.optim.Optimizer, stage: str) -> torch.optim.Optimizer:
+        """Register the optimiser of `stage`; its saved state is loaded only when the run resumes inside `stage`."""
+        self.optimizers[name] = optimizer
+        if self.checkpoint is not None and name in self.checkpoint["optimizers"] and self.start_step(stage) > 0:
+            optimizer.load_state_dict(self.checkpoint["optimizers"][name])
+        return optimizer
+
+    def load_stage(self, stage: str, checkpoint: dict, path: str, names: tuple[str, ...]) -> None:
+        """--load-{stage}: copy the modules `names` from another run's checkpoint (read by `check_loadable`); the stage
+        then counts as done here."""
+        for name in names:
+            load_module_state(self.models[name], checkpoint["models"][name], f"--load-{stage} model {name!r}")
+        self.done[stage] = {"loaded_from": path}
+        print(f"{stage} loaded from {path}")
+
+    # ----- stages --------------------------------------------------------------------------------------------------
+    def start_step(self, stage: str) -> int:
+        return self.step if stage == self.stage else 0
+
+    def finish(self, stage: str, record: dict | None = None) -> None:
+        """Mark `stage` done (with what it recorded) and checkpoint."""
+        self.done[stage] = record or {}
+        self.stage, self.step = "", 0
+        self.save()
+
+    def at(self, stage: str, step: int, save: bool = False) -> None:
+        """Progress inside a stage that is not a training loop (e.g. batches of candidates): checkpoint when `save`
+        or after Ctrl-C (then exit with code 130)."""
+        self.stage, self.step = stage, step
+        if save or self.run.interrupted():
+            path = self.save()
+            if self.run.interrupted():
+                print(f"interrupted: checkpoint saved to {path}")
+                self.run.close()
+                raise SystemExit(130)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def train(self, stage: str, total_steps: int, step: Callable[[], StepMetrics], tag: str | None = None,
+              optimizer: torch.optim.Optimizer | None = None, log_every: int | None = None) -> Iterator[int]:
+        """Run `step()` -> {name: detached scalar tensor} from the resumed step to `total_steps`, yielding the number
+        of steps done after each. Losses are summed on the device and read back only every `log_every` steps and
+        before each checkpoint, where a non-finite one stops the run (no host sync per step); a checkpoint every
+        `save_every` steps; Ctrl-C saves and exits with code 130. Records `{tag}_steps_per_s`."""
+        tag, log_every = tag or stage, log_every or self.log_every
+        first = self.start_step(stage)
+        self.stage, self.step = stage, first
+        writer, sums, count = self.run.writer, {}, 0
+        bar = tqdm(range(first, total_steps), desc=stage, initial=first, total=total_steps, dynamic_ncols=True,
+                   mininterval=1.0, leave=False)
+        began = log_start = time.perf_counter()
+        for index in bar:
+            metrics = step()
+            for name, value in metrics.items():
+                sums[name] = sums[name] + value if name in sums else torch.as_tensor(value).detach().clone()
+            count, done = count + 1, index + 1
+            self.step, self.global_step = done, self.global_step + 1
+            saving = done % self.save_every == 0 and done < total_steps
+            if done % log_every == 0 or done == total_steps or saving or self.run.interrupted():
+                means = {name: float(value) / count for name, value in sums.items()}
+                for name, value in means.items():
+                    check_finite(value, f"{stage} ({name})", done)
+                    writer.add_scalar(f"losses/{tag}/{name}", value, self.global_step)
+                writer.add_scalar("charts/SPS", count / max(time.perf_counter() - log_start, 1e-9), self.global_step)
+                if optimizer is not None:
+                    writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], self.global_step)
+                bar.set_postfix({name: f"{value:.4g}" for name, value in list(means.items())[:3]})
+                sums, count, log_start = {}, 0, time.perf_counter()
+            if saving:
+                self.save()
+            if self.run.interrupted():
+                path = self.save()
+                print(f"interrupted: checkpoint saved to {path}")
+                self.run.close()
+                raise SystemExit(130)
+            yield done
+        bar.close()
+        if total_steps > first:
+            self.throughput[f"{tag}_steps_per_s"] = (total_steps - first) / max(time.perf_counter() - began, 1e-9)
+
+    def run_stage(self, stage: str, total_steps: int, step: Callable[[], StepMetrics], **kwargs) -> None:
+        """train() to the end, for stages with nothing to do between steps."""
+        for _ in self.train(stage, total_steps, step, **kwargs):
+            pass
+
+    # ----- evaluation and the summary ---------------------------------------------------------------------------
+    def log_eval(self, stats: dict, label: str = "") -> None:
+        """An evaluation at the global step: eval/{metric}, or eval/{label}/{metric} for a side evaluation."""
+        prefix = f"eval/{label}/" if label else "eval/"
+        for metric in ("return_mean", "return_std", "normalized_mean", "coherency"):
+            if metric in stats:
+                tag = {"return_mean": "return", "normalized_mean": "normalized_score"}.get(metric, metric)
+                self.run.writer.add_scalar(prefix + tag, stats[metric], self.global_step)
+
+    def record(self, name: str, stats: dict, label: str = "") -> None:
+        """Keep the evaluation of stage `name` for summary.json, log it and print it."""
+        self.results[name] = stats
+        self.log_eval(stats, label)
+        extra = f", coherency {stats['coherency']:.3f}" if "coherency" in stats else ""
+        print(f"[{name}] return {stats['return_mean']:.3f} +- {stats['return_std']:.3f}, normalized score "
+              f"{stats['normalized_mean']:.1f} +- {stats['normalized_std']:.1f}{extra}")
+
+    def write_summary(self, script: str, args: Any, family: str) -> None:
+        """summary.json (DESIGN 2.3), the final checkpoint and the results table."""
+        summary = {"script": script, "env": args.env, "seed": args.seed, "stages": self.results,
+                   "throughput": self.throughput, "wall_time_s": self.elapsed(), "device": str(self.run.device),
+                   "args": dataclasses.asdict(args)}
+        if family == "nav1d":
+            summary["coherency"] = {name: stats["coherency"] for name, stats in self.results.items()
+                                    if "coherency" in stats}
+        self.run.write_summary(summary)
+        self.finish("done")
+        print_results_table(self.results)
+        print(f"summary: {self.run.run_dir / 'summary.json'}")
+
+
+def check_loadable(path: str, script: str, stage: str) -> dict:
+    """The checkpoint of another run for --load-{stage}, read before any work: it must come from the same script and
+    have finished `stage`."""
+    checkpoint = read_checkpoint_file(path, script=script)
+    if stage not in checkpoint.get("done", {}):
+        raise UserError(f"--load-{stage.replace('_', '-')}: '{path}' has not finished its {stage} stage")
+    return checkpoint
+
+
+def action_latency_ms(choose: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:
+    """The project's one definition of action latency: milliseconds for the evaluation policy to choose the action
+    of one environment step for a single environment (`choose()`, host to host), median of `repeats` calls after
+    `warmup` calls."""
+    for _ in range(warmup):
+        choose()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        choose()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
