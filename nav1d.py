@@ -18,6 +18,7 @@ plausible under the behaviour policy. Usage:
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,14 @@ def random_return() -> float:
 # ------------------------------------------------------------------------------------------------------------------
 # Datasets
 # ------------------------------------------------------------------------------------------------------------------
+def dataset_kind(name: str) -> str:
+    """The kind of a Nav1D dataset name: nav1d-full, nav1d/full-v0 -> "full"."""
+    match = re.search(r"nav1d[-/](\w+?)(?:-v0)?$", name)
+    if match is None or match.group(1) not in DATASET_KINDS:
+        raise ValueError(f"{name!r} is not a Nav1D dataset name (nav1d-partial, nav1d-full, nav1d-expert)")
+    return match.group(1)
+
+
 def dataset_id(kind: str) -> str:
     return f"nav1d/{kind}-v0"
 

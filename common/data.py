@@ -501,6 +501,16 @@ def iql_rewards(data: OfflineData) -> np.ndarray:
     return data.rewards.copy()
 
 
+def iql_reward_affine(data: OfflineData) -> tuple[float, float]:
+    """(scale, shift) with iql_rewards(data) = scale * rewards + shift, fixed by the offline data: online rewards are
+    put on the same scale, so that collecting episodes never rescales the rewards the critic already learned."""
+    transformed = iql_rewards(data)
+    if np.ptp(data.rewards) == 0:
+        return 1.0, float(np.mean(transformed - data.rewards))
+    scale, shift = np.polyfit(data.rewards.astype(np.float64), transformed.astype(np.float64), 1)
+    return float(scale), float(shift)
+
+
 def normalized_score(data: OfflineData, returns) -> np.ndarray:
     """100 * (return - ref_min) / (ref_max - ref_min): 0 is random, 100 expert (locomotion) or optimal (Nav1D)."""
     return 100.0 * (np.asarray(returns, dtype=np.float64) - data.ref_min_score) / (
@@ -602,6 +612,44 @@ class EvalResult:
     observations: list[np.ndarray]  # per episode (length + 1, S) float32, the final observation included
     actions: list[np.ndarray]  # per episode (length, A) float32, as the policy produced them (before clipping)
     terminated: np.ndarray  # (E,) bool: ended by termination, not by a time limit or max_steps
+
+
+class TransitionRecorder(gym.Wrapper):
+    """Records every transition (s, a executed, r, s', terminated) of the wrapped env, one list per episode."""
+
+    def __init__(self, env: gym.Env, episodes: list):
+        super().__init__(env)
+        self.episodes = episodes
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.last_obs, self.current = obs, []
+        self.episodes.append(self.current)
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.current.append((self.last_obs, action, reward, obs, terminated))
+        self.last_obs = obs
+        return obs, reward, terminated, truncated, info
+
+
+def collect_episodes(policy: Callable[[np.ndarray, np.ndarray], Any], make_env: Callable[[], gym.Env], episodes: int,
+                     seed: int, max_steps: int | None = None) -> dict[str, np.ndarray]:
+    """Online data: `episodes` episodes of `policy` run by `evaluate` (batched, as in evaluation) on start states of
+    `seed`; their transitions in the dataset's raw layout (observations, executed actions, rewards,
+    next_observations, terminals, episode_ends)."""
+    recorded: list[list] = []
+    evaluate(policy, lambda: TransitionRecorder(make_env(), recorded), episodes, seed, max_steps=max_steps)
+    steps = [step for episode in recorded for step in episode]
+    return {
+        "observations": np.array([step[0] for step in steps], dtype=np.float32),
+        "actions": np.array([step[1] for step in steps], dtype=np.float32),
+        "rewards": np.array([step[2] for step in steps], dtype=np.float32),
+        "next_observations": np.array([step[3] for step in steps], dtype=np.float32),
+        "terminals": np.array([step[4] for step in steps], dtype=bool),
+        "episode_ends": np.concatenate([np.arange(len(episode)) == len(episode) - 1 for episode in recorded if episode]),
+    }
 
 
 def evaluate(policy: Callable[[np.ndarray, np.ndarray], Any], make_env: Callable[[], gym.Env], episodes: int,

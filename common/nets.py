@@ -8,6 +8,7 @@ foundation's weights computes exactly the foundation's function until it is trai
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -582,6 +583,32 @@ def lora_disabled(model: nn.Module):
     finally:
         for module, was_enabled in zip(modules, previous):
             module.enabled = was_enabled
+
+
+class Reference(nn.Module):
+    """The frozen reference of an aligned model: the policy with its LoRA adapters off, or a frozen full copy of the
+    foundation (full fine-tuning). Called like the denoiser; it holds no weights of its own to train or save."""
+
+    def __init__(self, policy: nn.Module, frozen_copy: nn.Module | None):
+        super().__init__()
+        self.frozen_copy = frozen_copy
+        self._policy = [policy]  # a plain list: the reference must not own (or checkpoint) the policy's weights
+
+    def forward(self, *inputs):
+        if self.frozen_copy is not None:
+            return self.frozen_copy(*inputs)
+        with lora_disabled(self._policy[0]):
+            return self._policy[0](*inputs)
+
+
+def policy_with_reference(foundation: nn.Module, lora_rank: int, lora_alpha: float) -> tuple[nn.Module, Reference]:
+    """The model alignment trains (a copy of the foundation with LoRA adapters on its Linear and Conv1d layers, or a
+    trainable full copy when rank is 0) and its frozen reference (DESIGN 4.7)."""
+    policy = copy.deepcopy(foundation)
+    if lora_rank > 0:
+        inject_lora(policy, lora_rank, lora_alpha, include_conv=True)
+        return policy, Reference(policy, None)
+    return policy.requires_grad_(True), Reference(policy, copy.deepcopy(foundation).requires_grad_(False))
 
 
 def merge_lora(model: nn.Module) -> None:

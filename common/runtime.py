@@ -6,6 +6,7 @@ and 2.4 (atomic checkpoints, Ctrl-C, non-finite losses, one-line errors with exi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -108,6 +109,16 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """Draw from generators seeded with `seed` inside the block and leave the run's random streams untouched, so
+    that a model made part-way through a run (an aligned policy, a cascade) gets the same initial weights whether the
+    run was resumed or not."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def capture_rng() -> dict:

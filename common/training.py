@@ -15,6 +15,7 @@ TensorBoard tags (CleanRL's convention):
 """
 from __future__ import annotations
 
+import sys
 import time
 import dataclasses
 from pathlib import Path
@@ -111,7 +112,7 @@ class Trainer:
         if save or self.run.interrupted():
             path = self.save()
             if self.run.interrupted():
-                print(f"interrupted: checkpoint saved to {path}")
+                print(f"interrupted: checkpoint saved to {path}", file=sys.stderr)
                 self.run.close()
                 raise SystemExit(130)
 
@@ -152,7 +153,7 @@ class Trainer:
                 self.save()
             if self.run.interrupted():
                 path = self.save()
-                print(f"interrupted: checkpoint saved to {path}")
+                print(f"interrupted: checkpoint saved to {path}", file=sys.stderr)
                 self.run.close()
                 raise SystemExit(130)
             yield done
@@ -203,6 +204,29 @@ def check_loadable(path: str, script: str, stage: str) -> dict:
     if stage not in checkpoint.get("done", {}):
         raise UserError(f"--load-{stage.replace('_', '-')}: '{path}' has not finished its {stage} stage")
     return checkpoint
+
+
+def require_same_data(checkpoint: dict, normalizer, flag: str) -> None:
+    """--load-*: the other run must have been trained on the same data (the same observation statistics)."""
+    saved = checkpoint["state"].get("normalizer")
+    if saved is None or not all(np.array_equal(np.asarray(saved[key]), np.asarray(getattr(normalizer, key)))
+                                for key in ("mean", "std")):
+        raise UserError(f"{flag}: that run was trained on other data (its observation statistics differ)")
+
+
+class CompiledModules:
+    """`compiled(module)`: the module itself, or with --compile its torch.compile'd wrapper, made once per module
+    (it reads the live weights, so training in between needs no new compilation)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.wrappers = enabled, {}
+
+    def __call__(self, module: torch.nn.Module) -> torch.nn.Module:
+        if not self.enabled:
+            return module
+        if module not in self.wrappers:
+            self.wrappers[module] = torch.compile(module)
+        return self.wrappers[module]
 
 
 def action_latency_ms(choose: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:

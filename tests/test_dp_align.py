@@ -16,8 +16,8 @@ import torch.nn as nn
 
 import dp_align
 from conftest import make_tiny_hopper_dataset
-from common.diffusion import Diffusion
-from common.nets import MLPDenoiser, lora_parameters
+from common.diffusion import Diffusion, gaussian_log_prob
+from common.nets import MLPDenoiser, lora_parameters, policy_with_reference
 
 SCRIPT = dp_align.__file__
 # Tiny Nav1D runs: every stage a few steps, small networks, few evaluation episodes.
@@ -55,7 +55,8 @@ def test_ppo_ratio_is_one_before_the_first_update(sampler, eta):
     steps = rollout.stochastic.nonzero().flatten().tolist()
     assert steps, "a stochastic sampler must have stochastic steps"
     for step in steps:
-        log_prob, _ = dp_align.denoising_log_prob(diffusion, model, rollout.chain, step, rollout.cond)
+        mean, std = diffusion.step_distribution(model, rollout.chain[step], step, rollout.cond)
+        log_prob = gaussian_log_prob(rollout.chain[step + 1], mean, std)
         loss, ratio = dp_align.ppo_step_loss(log_prob, rollout.log_probs[step], advantages, torch.ones(18), 0.2)
         torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
         torch.testing.assert_close(loss, -advantages.mean(), atol=1e-4, rtol=0)
@@ -65,9 +66,10 @@ def test_ppo_ratio_is_one_before_the_first_update(sampler, eta):
 def test_dpo_loss_is_log_2_when_the_model_equals_the_reference(sampler):
     diffusion = Diffusion(sampler, 5)
     foundation = small_model()
-    policy, reference = dp_align.make_policy(foundation, lora_rank=4, lora_alpha=8.0)
+    policy, reference = policy_with_reference(foundation, lora_rank=4, lora_alpha=8.0)
+    space = SimpleNamespace(diffusion=diffusion, eps_error=diffusion.eps_error)
     winners, losers, cond = torch.randn(16, 2, 1), torch.randn(16, 2, 1), torch.randn(16, 2)
-    loss, accuracy = dp_align.dpo_loss(diffusion, policy, reference, winners, losers, cond, beta=100.0)
+    loss, accuracy = dp_align.dpo_loss(space, policy, reference, winners, losers, cond, beta=100.0)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     assert accuracy.item() == 0.0  # logits are exactly 0: no pair is preferred yet
     loss.backward()  # and the loss has gradients for the adapters (the winners' and losers' errors differ)
@@ -92,11 +94,13 @@ def test_qvpg_gradients_reach_only_the_last_k_steps(k):
     steps = 6
     diffusion = Diffusion("ddim", steps, eta=0.0, prediction="x0")  # deterministic: QV-PG's home ground
     policy = StepBias(steps)
-    critic = SimpleNamespace(q_value=lambda obs, action: -(action - 0.3).pow(2).sum(-1))
-    args = dp_align.Args(group_size=2, sample_steps=steps, kl_coef=0.0, entropy_coef=0.0)
-    ws = SimpleNamespace(args=args, diffusion=diffusion, policy=policy, chunk_shape=(2, 1), critic=critic)
-    loss, _ = dp_align.qvpg_loss(ws, torch.zeros(3, 1), torch.zeros(3, 1), k)
-    loss.backward()
+    space = SimpleNamespace(  # the ChunkSpace interface the methods use, with reward -(a_first - 0.3)^2
+        diffusion=diffusion, shape=(2, 1), conditions=lambda batch: torch.zeros(batch, 1),
+        sample=lambda model, cond, n=1, **kwargs: diffusion.sample(model, (2, 1), cond, samples_per_cond=n, **kwargs),
+        reward=lambda cond, chunks: -(chunks[:, 0] - 0.3).pow(2).sum(-1), free_mask=lambda chunks: None,
+        step_distribution=diffusion.step_distribution)
+    args = dp_align.Args(group_size=2, align_batch=3, sample_steps=steps, qvpg_k=k, kl_coef=0.0, entropy_coef=0.0)
+    dp_align.qvpg(space, policy, policy, torch.optim.SGD(policy.parameters(), lr=0.0), args)
     used_levels = diffusion.step_levels[:-1]  # level of each step, in sampling order
     with_gradient = {level for level in used_levels if policy.bias.grad[level].abs() > 0}
     assert with_gradient == set(used_levels[-k:])
@@ -106,7 +110,7 @@ def test_lora_reference_equals_the_foundation_after_training():
     foundation = small_model().requires_grad_(False)  # as the script's foundation (an EMA copy) is
     x, t, cond = torch.randn(8, 2, 1), torch.rand(8), torch.randn(8, 2)
     for rank in (4, 0):
-        policy, reference = dp_align.make_policy(foundation, lora_rank=rank, lora_alpha=8.0)
+        policy, reference = policy_with_reference(foundation, lora_rank=rank, lora_alpha=8.0)
         torch.testing.assert_close(policy(x, t, cond), foundation(x, t, cond))
         trainable = [p for p in policy.parameters() if p.requires_grad]
         with torch.no_grad():
@@ -114,8 +118,8 @@ def test_lora_reference_equals_the_foundation_after_training():
                 parameter.add_(0.1 * torch.randn_like(parameter))
         assert not torch.allclose(policy(x, t, cond), foundation(x, t, cond))
         torch.testing.assert_close(reference(x, t, cond), foundation(x, t, cond))
-        assert all(not p.requires_grad for p in foundation.parameters())  # make_policy never unfreezes it
-    assert all(p.requires_grad for p in lora_parameters(dp_align.make_policy(foundation, 4, 8.0)[0]))
+        assert all(not p.requires_grad for p in foundation.parameters())  # it never unfreezes the foundation
+    assert all(p.requires_grad for p in lora_parameters(policy_with_reference(foundation, 4, 8.0)[0]))
 
 
 @pytest.mark.parametrize("backbone", ["dit", "mlp"])
@@ -125,7 +129,7 @@ def test_cascade_equals_the_foundation_at_initialisation(backbone):
     with torch.no_grad():  # a trained-looking foundation: DiT starts with zero output layers
         for parameter in foundation.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
-    cascade = dp_align.make_cascade(args, foundation, action_dim=1, cond_dim=2)
+    cascade = dp_align.CascadeDenoiser(args, foundation, action_dim=1, obs_cond_dim=2)
     x, t, cond, sample = torch.randn(8, 2, 1), torch.rand(8), torch.randn(8, 2), torch.randn(8, 2, 1)
     torch.testing.assert_close(cascade(x, t, torch.cat([cond, sample.flatten(1)], 1)), foundation(x, t, cond))
 
@@ -179,8 +183,9 @@ def test_deterministic_sampler_with_rl_exits_2_with_one_line_before_any_work(tmp
 @pytest.mark.parametrize("fields,needle", [
     (dict(sampler="ddim", align="dpo,rl"), "--eta"),
     (dict(sampler="ddim", eta=0.5, align="rl"), None),
-    (dict(align="rl,magic"), "unknown alignment method"),
-    (dict(sampler="euler"), "unknown --sampler"),
+    (dict(align="rl,magic"), "--align takes"),
+    (dict(align=""), "--align takes"),
+    (dict(align="rl,dpo,rl"), "names a method twice"),
     (dict(qvpg_k=99), "--qvpg-k"),
     (dict(sft_quantile=0.0), "--sft-quantile"),
     (dict(group_size=1), "--group-size"),
@@ -250,7 +255,7 @@ def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path):
 
     resumed = run_script(tmp_path, *common, "--foundation-steps", str(interrupted_at["step"] + 10), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming stage 'foundation' at step {interrupted_at['step']}" in resumed.stdout
+    assert f"resuming stage foundation at step {interrupted_at['step']}" in resumed.stdout
     assert list(summary(run_dir)["stages"]) == ["foundation", "pass1/dpo", "pass1/sft", "aligned"]
 
     # A second --resume with one more pass skips every finished stage and runs only pass 2.
@@ -280,8 +285,14 @@ def test_same_seed_same_numbers_stages_load_from_another_run_and_non_finite_loss
 
     exploding = run_script(tmp_path, *args, "--run-dir", str(tmp_path / "nan"), "--foundation-lr", "1e30")
     assert exploding.returncode == 1
-    assert "non-finite loss" in exploding.stderr and "'foundation'" in exploding.stderr
+    assert "non-finite loss" in exploding.stderr and "stage 'foundation" in exploding.stderr
     assert not (tmp_path / "nan" / "checkpoints" / "latest.pt").exists()  # nothing non-finite was ever saved
+
+
+def test_unknown_choices_are_refused_by_the_command_line(tmp_path):
+    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(tmp_path / "run"), "--sampler", "euler")
+    assert result.returncode == 2 and "euler" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_without_a_checkpoint_exits_2(tmp_path):

@@ -194,7 +194,7 @@ def test_nav1d_smoke_run_interrupt_resume_and_determinism(tmp_path, tiny_nav1d_r
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]
-    assert "interrupted: checkpoint saved to" in stdout
+    assert "interrupted: checkpoint saved to" in stderr
     resumed = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(interrupted), "--resume", *longer)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming stage alignment" in resumed.stdout
