@@ -7,56 +7,56 @@ Overview. A foundation planner is trained on fixed-length windows of the offline
 (state, action) windows with a temporal U-Net, Decision Diffuser (DD) diffuses state windows and reads actions off an
 inverse-dynamics model. Both are trained with masked in-painting (a random causal prefix of the window is given, the
 loss counts only the rest), which is how the current state is imposed at planning time. An IQL critic, trained on
-the same data, scores a plan by Q(s_0, a_0): every environment step draws 16 plans, executes the first action of the
+the same data, scores a plan by Q(s_0, a_0): every environment step draws N plans, executes the first action of the
 best one and replans. Alignment then moves the planner towards high-Q plans with one set of LoRA adapters (the frozen
 base is the reference model): `rl` treats the denoising chain as an MDP (REINFORCE or PPO-clip with credit weights
 over denoising steps and an optional KL to the reference), `qvpg` back-propagates -Q through the last K denoising
 steps, `dpo` is Diffusion-DPO on pairs ranked by Q, `sft` fine-tunes on the best plans whose reference likelihood is
 high enough, and `cascade` trains a second, warm-started model that turns a plan into a better one and is applied
 once at inference. `--align rl,dpo,sft --passes P` runs the methods in sequence, evaluating after each.
+
+The five methods and their helpers are written against `PlanSpace` (how to draw, score and train on plans) and are
+the same text in dp_align.py, which implements the same interface for action chunks.
+
+    python diffuser_align.py --env nav1d-partial --planner diffuser --sampler fm --align qvpg,dpo,sft
 """
 from __future__ import annotations
 
 import copy
-import functools
-import os
-import sys
-import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 import nav1d
+from common.data import (Normalizer, evaluate, load_offline_data, model_transitions, normalized_score,
+                         unscale_actions, windows)
+from common.diffusion import Diffusion, SampleOutput, gaussian_log_prob
+from common.nets import (InverseDynamics, TemporalUNet, TwinQ, ValueNet, count_parameters,
+                         load_foundation_into_cascade, policy_with_reference)
+from common.runtime import UserError, apply_presets, cli, cuda_graphed, seeded, stage_stats, start_run, use_cuda_graphs
+from common.training import (CompiledModules, Trainer, action_latency_ms, check_loadable, require_same_data,
+                             run_alignment)
 
-from common.data import (Normalizer, evaluate, gather_windows, iql_rewards, load_offline_data, normalized_score,
-                         sample_windows_index)
-from common.diffusion import SAMPLERS, Diffusion, gaussian_log_prob
-from common.nets import (InverseDynamics, TemporalUNet, TwinQ, ValueNet, count_parameters, inject_lora,
-                         load_foundation_into_cascade, lora_disabled)
-from common.runtime import (Timer, UserError, apply_presets, check_finite, cli, cuda_graphed, load_module_state,
-                            capture_rng, read_checkpoint_file, print_results_table, restore_rng, stage_stats,
-                            start_run, use_cuda_graphs)
-
-PLANNERS = ("diffuser", "dd")
-PLANNER_SAMPLERS = tuple(name for name in SAMPLERS if name != "dpm_solver++")  # multistep: no per-step Gaussian
+SCRIPT = "diffuser_align"
 METHODS = ("rl", "qvpg", "dpo", "sft", "cascade")
+PLANNER_SETTINGS = ("planner", "sampler", "prediction", "sample_steps", "train_steps", "horizon")  # of --load-foundation
 
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    exp_name: str = SCRIPT
     """name of the experiment (part of the default run directory)"""
     seed: int = 0
     """seed of training and of the evaluation episodes"""
     env: str = "nav1d-full"
     """dataset: nav1d-partial|full|expert, a Minari id (mujoco/hopper/medium-v0) or a D4RL name (hopper-medium-v2)"""
-    device: str = "auto"
-    """auto, cpu or cuda"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where to run"""
     torch_deterministic: bool = True
     """deterministic torch algorithms (same seed and device -> same numbers)"""
     run_dir: str = ""
@@ -67,8 +67,12 @@ class Args:
     """evaluation episodes after every stage"""
     eval_every: int = 0
     """also evaluate every N steps inside each alignment method, for learning curves (0: only after each method)"""
+    eval_max_steps: int = 0
+    """cap on evaluation episode length (0: the environment's own limit)"""
     save_every: int = 5000
     """checkpoint every N steps of a stage (and at the end of every stage)"""
+    log_every: int = 50
+    """steps between loss logs (and finiteness checks)"""
     compile: bool = False
     """torch.compile the denoiser for foundation training and for planning (evaluation)"""
     cuda_graphs: bool = True
@@ -76,32 +80,30 @@ class Args:
     cpu_threads: int = 0
     """torch CPU threads (0: torch's default); small networks run faster on 1, above all on a busy machine"""
 
-    planner: str = "diffuser"
+    # ---- foundation planner
+    planner: Literal["diffuser", "dd"] = "diffuser"
     """diffuser: (state, action) windows; dd: state windows + inverse dynamics (Decision Diffuser)"""
-    sampler: str = "ddpm"
-    """ddpm|ddim|sm|fm; ddim (eta=0) and fm are deterministic: use qvpg (or --ddim-eta > 0) for RL alignment"""
-    ddim_eta: float = 0.0
-    """DDIM noise scale (0 deterministic, > 0 stochastic steps that RL alignment can use)"""
-    prediction: str = ""
-    """network output eps|x0|velocity; empty: x0 for ddpm/ddim (as Diffuser: eps-prediction divides by the tiny
-    alpha of the noisiest level and blows up), eps for sm, velocity for fm"""
-    denoising_steps: int = 20
-    """sampler steps (also the number of discrete noise levels for ddpm/ddim)"""
+    sampler: Literal["ddpm", "ddim", "sm", "fm"] = "ddpm"
+    """ddim (eta=0) and fm are deterministic: use qvpg (or --eta > 0) for RL alignment"""
+    eta: float = 0.0
+    """DDIM noise (0 deterministic, > 0 stochastic steps that RL alignment can use)"""
+    prediction: Literal["", "eps", "x0", "velocity"] = ""
+    """network output; empty: x0 for ddpm/ddim (as Diffuser: eps-prediction divides by the tiny alpha of the
+    noisiest level and blows up), eps for sm, velocity for fm"""
+    sample_steps: int = 20
+    """denoising steps when sampling"""
+    train_steps: int = 20
+    """noise levels of the discrete schedule (ddpm, ddim); sampling strides over them"""
     horizon: int = 32
     """planning window length in environment steps (a power of two for the U-Net)"""
     unet_base_dim: int = 32
     """channels of the first U-Net level (a multiple of 8)"""
     unet_dim_mults: tuple[int, ...] = (1, 2, 4)
     """channel multipliers per U-Net level"""
-    num_plans: int = 16
+    num_candidates: int = 16
     """plans drawn per environment step; the one with the highest plan reward is executed"""
-    plan_reward: str = "q0"
+    plan_reward: Literal["q0", "mean"] = "q0"
     """q0: Q(s_0, a_0); mean: mean of Q over the plan's steps"""
-    eval_max_steps: int = 0
-    """cap on evaluation episode length (0: the environment's own limit)"""
-
-    load_foundation: str = ""
-    """take the trained foundation planner (and dd's inverse dynamics) from this diffuser_align checkpoint"""
     foundation_steps: int = 200_000
     """gradient steps of the foundation planner"""
     batch_size: int = 256
@@ -112,9 +114,10 @@ class Args:
     """gradient steps of the inverse-dynamics model (dd only)"""
     inverse_dynamics_hidden: int = 256
     """hidden width of the inverse-dynamics MLP"""
+    load_foundation: str = ""
+    """take the trained foundation planner (and dd's inverse dynamics) from this diffuser_align checkpoint"""
 
-    load_critic: str = ""
-    """take the trained IQL critic from this diffuser_align checkpoint"""
+    # ---- IQL critic
     critic_steps: int = 1_000_000
     """IQL gradient steps"""
     critic_batch_size: int = 256
@@ -123,13 +126,16 @@ class Args:
     """Adam learning rate of Q and V"""
     critic_hidden: int = 256
     """hidden width of Q and V"""
+    gamma: float = 0.99
+    """discount"""
     expectile: float = 0.7
     """IQL expectile tau of the V loss"""
-    discount: float = 0.99
-    """discount factor"""
     polyak: float = 0.005
     """target-Q averaging rate"""
+    load_critic: str = ""
+    """take the trained IQL critic from this diffuser_align checkpoint"""
 
+    # ---- alignment, shared by all methods (the same names in dp_align.py)
     align: str = "rl,dpo,sft"
     """comma-separated alignment methods run in this order each pass: rl, qvpg, dpo, sft, cascade"""
     passes: int = 1
@@ -138,60 +144,70 @@ class Args:
     """LoRA rank on every Linear and Conv1d of the planner (0: full fine-tuning, frozen copy as reference)"""
     lora_alpha: float = 16.0
     """LoRA scale numerator (update scaled by alpha / rank)"""
-    align_lr: float = 1e-4
-    """Adam learning rate of the rl and qvpg methods"""
-    dpo_lr: float = 3e-5
-    """Adam learning rate of the dpo method"""
-    sft_lr: float = 1e-5
-    """Adam learning rate of the sft method"""
-    cascade_lr: float = 1e-4
-    """Adam learning rate of the cascade model"""
-    align_states: int = 32
+    align_batch: int = 32
     """conditioning states (dataset states) per alignment batch"""
-    align_samples: int = 16
+    group_size: int = 16
     """plans sampled per conditioning state (advantages, pairs and SFT ranking are per state)"""
+    kl_coef: float = 0.0
+    """weight of the per-step KL to the reference model (rl and qvpg)"""
     entropy_coef: float = 0.0
     """weight of a nearest-neighbour entropy bonus among a state's plans, added to the plan reward"""
+    epochs_per_batch: int = 4
+    """gradient steps on each generated batch for dpo and sft (sampling costs far more than an update)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping during alignment"""
     rl_steps: int = 1000
     """updates of the rl method (each samples a fresh batch of chains)"""
-    rl_algo: str = "ppo"
+    rl_lr: float = 1e-4
+    """Adam learning rate of the rl method"""
+    rl_algo: Literal["ppo", "reinforce"] = "ppo"
     """ppo (clipped ratio, several epochs per batch) or reinforce"""
     ppo_clip: float = 0.2
     """PPO ratio clip epsilon"""
     ppo_epochs: int = 2
     """updates per sampled batch for ppo"""
-    rl_credit: str = "uniform"
+    credit: Literal["uniform", "decay", "similarity"] = "uniform"
     """weights over denoising steps: uniform, decay (geometric, larger near x_0) or similarity"""
     credit_decay: float = 0.9
     """ratio of the decay credit weights between consecutive denoising steps"""
-    kl_coef: float = 0.0
-    """weight of the per-step KL to the reference model (rl and qvpg)"""
     qvpg_steps: int = 1000
     """updates of the qvpg method"""
-    qvpg_last_k: int = 5
+    qvpg_lr: float = 1e-4
+    """Adam learning rate of the qvpg method"""
+    qvpg_k: int = 5
     """denoising steps that gradients of -Q flow through"""
     qvpg_random_k: bool = False
-    """draw K uniformly from 1..qvpg_last_k for every batch"""
+    """draw K uniformly from 1..qvpg_k for every batch"""
     dpo_steps: int = 1000
     """updates of the dpo method"""
+    dpo_lr: float = 3e-5
+    """Adam learning rate of the dpo method"""
     dpo_beta: float = 200.0
     """Diffusion-DPO inverse temperature (errors are means over dims, so it is large for small windows)"""
+    dpo_noise_draws: int = 4
+    """(t, noise) draws per pair in every DPO step"""
+    dpo_source: Literal["reference", "current"] = "reference"
+    """sample the pairs from the DPO reference (the planner at the start of the DPO stage) or the current planner"""
     sft_steps: int = 1000
     """updates of the sft method"""
+    sft_lr: float = 1e-5
+    """Adam learning rate of the sft method"""
     sft_top_fraction: float = 0.25
     """fraction of each state's plans (highest reward first) proposed for fine-tuning"""
     sft_quantile: float = 0.9
     """likelihood threshold: a plan is accepted if its reference ELBO proxy is below this quantile of dataset windows"""
     sft_elbo_draws: int = 8
     """fixed (t, noise) draws of the ELBO proxy"""
-    sft_source: str = "current"
-    """which model proposes SFT plans: current (the aligned planner) or reference"""
+    sft_source: Literal["current", "reference", "both"] = "current"
+    """which model proposes SFT plans: the current planner, the reference, or half each"""
     cascade_steps: int = 1000
     """updates of the cascade model"""
-    cascade_branch_step: int = 10
-    """denoising step whose latent is shared by the branched continuations forming a cascade pair"""
+    cascade_lr: float = 1e-4
+    """Adam learning rate of the cascade model"""
     cascade_branches: int = 4
-    """continuations per shared latent; the worst becomes the condition, the best the target"""
+    """continuations per shared latent; every other continuation becomes a condition for the best one"""
+    cascade_branch_fraction: float = 0.5
+    """the shared latent is taken after this fraction of the denoising steps"""
     online_episodes: int = 0
     """episodes collected with the aligned planner between passes and added to the critic's data (0: offline)"""
     online_critic_steps: int = 10_000
@@ -201,9 +217,9 @@ class Args:
 PRESETS = {
     "nav1d": dict(horizon=8, unet_base_dim=16, unet_dim_mults=(1, 2), foundation_steps=3000, batch_size=256,
                   foundation_lr=1e-3, inverse_dynamics_steps=2000, inverse_dynamics_hidden=64, critic_steps=6000,
-                  critic_hidden=64, expectile=0.9, eval_episodes=32, save_every=1000, align_states=32,
-                  rl_steps=60, qvpg_steps=60, dpo_steps=60, sft_steps=60, cascade_steps=150, align_lr=1e-3,
-                  lora_rank=8, online_critic_steps=1000, cpu_threads=1),
+                  critic_hidden=64, expectile=0.9, eval_episodes=32, save_every=1000, align_batch=32,
+                  rl_steps=60, qvpg_steps=60, dpo_steps=60, sft_steps=60, cascade_steps=150, rl_lr=1e-3,
+                  qvpg_lr=1e-3, lora_rank=8, online_critic_steps=1000, cpu_threads=1),
     # The expert data covers a narrow band of actions, so Q is unreliable off it: without a KL to the reference, rl
     # took Diffuser-DDPM from 7.50 to 5.14 (coherency 0.92 -> 0.50, seed 0); with kl_coef 10, 7.50 -> 7.51 (0.93).
     "nav1d-expert": dict(kl_coef=10.0),
@@ -211,86 +227,62 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Argument checks (before any work)
-# ----------------------------------------------------------------------------------------------------------------
-def parse_methods(text: str) -> list[str]:
-    methods = [name.strip() for name in text.split(",") if name.strip()]
-    if not methods:
-        raise UserError("--align needs at least one method (rl, qvpg, dpo, sft, cascade)")
-    unknown = [name for name in methods if name not in METHODS]
-    if unknown:
-        raise UserError(f"unknown alignment method(s) {', '.join(unknown)} in --align; choose from {', '.join(METHODS)}")
-    return methods
-
-
 def validate_args(args: Args) -> list[str]:
-    """Every argument mistake becomes a one-line UserError here, before data loading or training."""
-    if args.planner not in PLANNERS:
-        raise UserError(f"unknown --planner '{args.planner}'; choose diffuser or dd")
-    if args.sampler not in PLANNER_SAMPLERS:
-        raise UserError(f"unknown --sampler '{args.sampler}' for a planner; choose one of {', '.join(PLANNER_SAMPLERS)}")
-    if args.prediction not in ("", "eps", "x0", "velocity"):
-        raise UserError(f"unknown --prediction '{args.prediction}'; choose eps, x0 or velocity")
-    if args.plan_reward not in ("q0", "mean"):
-        raise UserError(f"unknown --plan-reward '{args.plan_reward}'; choose q0 or mean")
-    if args.rl_algo not in ("ppo", "reinforce"):
-        raise UserError(f"unknown --rl-algo '{args.rl_algo}'; choose ppo or reinforce")
-    if args.rl_credit not in ("uniform", "decay", "similarity"):
-        raise UserError(f"unknown --rl-credit '{args.rl_credit}'; choose uniform, decay or similarity")
-    if args.sft_source not in ("current", "reference"):
-        raise UserError(f"unknown --sft-source '{args.sft_source}'; choose current or reference")
-    if args.horizon < 2 or args.horizon & (args.horizon - 1):
-        raise UserError(f"--horizon must be a power of two >= 2 for the temporal U-Net, got {args.horizon}")
-    if args.horizon % 2 ** (len(args.unet_dim_mults) - 1):
-        raise UserError(f"--horizon {args.horizon} is too short for {len(args.unet_dim_mults)} U-Net levels")
-    if args.unet_base_dim < 8 or args.unet_base_dim % 8:
-        raise UserError(f"--unet-base-dim must be a positive multiple of 8 (GroupNorm), got {args.unet_base_dim}")
-    positive = dict(denoising_steps=args.denoising_steps, num_plans=args.num_plans, batch_size=args.batch_size,
-                    critic_batch_size=args.critic_batch_size, passes=args.passes, align_states=args.align_states,
-                    eval_episodes=args.eval_episodes, save_every=args.save_every, sft_elbo_draws=args.sft_elbo_draws,
-                    ppo_epochs=args.ppo_epochs, qvpg_last_k=args.qvpg_last_k, dpo_beta=args.dpo_beta,
-                    foundation_lr=args.foundation_lr, critic_lr=args.critic_lr, align_lr=args.align_lr,
-                    dpo_lr=args.dpo_lr, sft_lr=args.sft_lr, cascade_lr=args.cascade_lr)
-    for name, value in positive.items():
-        if value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("foundation_steps", "inverse_dynamics_steps", "critic_steps", "rl_steps", "qvpg_steps", "dpo_steps",
-                 "sft_steps", "cascade_steps", "online_episodes", "online_critic_steps", "eval_every",
-                 "eval_max_steps", "lora_rank", "kl_coef", "entropy_coef", "ddim_eta"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.align_samples < 2:
-        raise UserError(f"--align-samples must be >= 2 (rankings and advantages need several plans), got {args.align_samples}")
-    if args.cascade_branches < 2:
-        raise UserError(f"--cascade-branches must be >= 2, got {args.cascade_branches}")
-    if not 0 <= args.cascade_branch_step < args.denoising_steps:
-        raise UserError(f"--cascade-branch-step must be in [0, {args.denoising_steps}), got {args.cascade_branch_step}")
-    if args.qvpg_last_k > args.denoising_steps:
-        raise UserError(f"--qvpg-last-k ({args.qvpg_last_k}) exceeds --denoising-steps ({args.denoising_steps})")
-    for name in ("expectile", "sft_quantile", "sft_top_fraction", "credit_decay"):
-        if not 0 < getattr(args, name) <= (0.999999 if name == "expectile" else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(args, name)}")
-    if not 0 < args.discount <= 1 or not 0 < args.polyak <= 1 or not 0 < args.ppo_clip < 1:
-        raise UserError("--discount and --polyak must be in (0, 1], --ppo-clip in (0, 1)")
-    if args.ddim_eta > 0 and args.sampler != "ddim":
-        raise UserError("--ddim-eta applies only to --sampler ddim")
-    methods = parse_methods(args.align)
+    """Every argument mistake becomes a one-line UserError here, before data loading or training; returns the
+    alignment sequence."""
+    methods = [name.strip() for name in args.align.split(",") if name.strip()]
+    if not methods or any(name not in METHODS for name in methods):
+        raise UserError(f"--align takes a comma-separated sequence of {', '.join(METHODS)}, got {args.align!r}")
+    if len(set(methods)) < len(methods):
+        raise UserError(f"--align {args.align!r} names a method twice; repeat the sequence with --passes instead")
+    positive = ("sample_steps", "train_steps", "num_candidates", "batch_size", "critic_batch_size", "passes",
+                "align_batch", "eval_episodes", "save_every", "log_every", "sft_elbo_draws", "ppo_epochs", "qvpg_k",
+                "epochs_per_batch", "dpo_noise_draws", "inverse_dynamics_hidden", "critic_hidden")
+    non_negative = ("foundation_steps", "inverse_dynamics_steps", "critic_steps", "rl_steps", "qvpg_steps",
+                    "dpo_steps", "sft_steps", "cascade_steps", "online_episodes", "online_critic_steps", "eval_every",
+                    "eval_max_steps", "lora_rank", "kl_coef", "entropy_coef", "eta")
+    checks = [(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1") for name in positive]
+    checks += [(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0") for name in non_negative]
+    checks += [(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+               for name in ("dpo_beta", "foundation_lr", "critic_lr", "rl_lr", "qvpg_lr", "dpo_lr", "sft_lr",
+                            "cascade_lr", "lora_alpha", "max_grad_norm")]
+    checks += [(0 < getattr(args, name) <= 1, f"--{name.replace('_', '-')} must be in (0, 1]")
+               for name in ("sft_quantile", "sft_top_fraction", "credit_decay", "gamma", "polyak")]
+    checks += [
+        (args.horizon >= 2 and not args.horizon & (args.horizon - 1),
+         f"--horizon must be a power of two >= 2 for the temporal U-Net, got {args.horizon}"),
+        (args.horizon % 2 ** (len(args.unet_dim_mults) - 1) == 0,
+         f"--horizon {args.horizon} is too short for {len(args.unet_dim_mults)} U-Net levels"),
+        (args.unet_base_dim >= 8 and args.unet_base_dim % 8 == 0,
+         f"--unet-base-dim must be a positive multiple of 8 (GroupNorm), got {args.unet_base_dim}"),
+        (args.group_size >= 2, "--group-size must be >= 2 (rankings and advantages need several plans)"),
+        (args.cascade_branches >= 2, "--cascade-branches must be >= 2"),
+        (0 <= args.cascade_branch_fraction < 1, "--cascade-branch-fraction must be in [0, 1)"),
+        (args.qvpg_k <= args.sample_steps, f"--qvpg-k ({args.qvpg_k}) exceeds --sample-steps ({args.sample_steps})"),
+        (0 < args.expectile < 1, "--expectile must be in (0, 1)"),
+        (args.ppo_clip < 1, "--ppo-clip must be in (0, 1)"),
+        (args.eta == 0 or args.sampler == "ddim", "--eta applies only to --sampler ddim"),
+        (args.sampler not in ("ddpm", "ddim") or args.train_steps >= args.sample_steps,
+         "--train-steps must be >= --sample-steps"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
     if "rl" in methods and not make_diffusion(args).stochastic:
         raise UserError(f"--align rl needs a stochastic sampler (step likelihoods); --sampler {args.sampler} with these "
-                        "settings is deterministic: use qvpg instead, or --sampler ddim --ddim-eta 1.0")
+                        "settings is deterministic: use qvpg instead, or --sampler ddim --eta 1.0")
     return methods
-
-
-def make_diffusion(args: Args) -> Diffusion:
-    prediction = args.prediction or {"ddpm": "x0", "ddim": "x0", "sm": "eps", "fm": "velocity"}[args.sampler]
-    return Diffusion(args.sampler, args.denoising_steps, eta=args.ddim_eta if args.sampler == "ddim" else 0.0,
-                     prediction=prediction)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Planning: in-painting, plan rewards, plan selection
 # ----------------------------------------------------------------------------------------------------------------
+def make_diffusion(args: Args) -> Diffusion:
+    prediction = args.prediction or {"ddpm": "x0", "ddim": "x0", "sm": "eps", "fm": "velocity"}[args.sampler]
+    return Diffusion(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
+                     prediction=prediction)
+
+
 def inpaint_current_state(states: torch.Tensor, horizon: int, x_dim: int, repeats: int):
     """Known-entry mask and values imposing each (normalised) state on step 0 of its `repeats` plans."""
     state_dim = states.shape[1]
@@ -314,11 +306,13 @@ def random_prefix_masks(batch: int, horizon: int, state_dim: int, x_dim: int, de
 
 
 class CascadeDenoiser(nn.Module):
-    """The cascade U-Net called as model(x, t, cond): `cond` is the plan being improved (extra input channels)."""
+    """The cascade U-Net called as model(x, t, cond): `cond` is the plan being improved (extra input channels).
+    Warm-started from the foundation with those channels at zero weight, so it equals the foundation until trained."""
 
-    def __init__(self, unet: TemporalUNet):
+    def __init__(self, args: Args, foundation: TemporalUNet, x_dim: int):
         super().__init__()
-        self.unet = unet
+        self.unet = TemporalUNet(x_dim, args.horizon, 0, args.unet_base_dim, args.unet_dim_mults, extra_in_dim=x_dim)
+        load_foundation_into_cascade(self.unet, foundation.state_dict())
 
     def forward(self, x, t, cond):
         return self.unet(x, t, None, x_cond=cond)
@@ -332,36 +326,25 @@ class Planner:
 
     def __init__(self, args: Args, diffusion: Diffusion, denoiser: nn.Module, q_target: TwinQ, state_dim: int,
                  action_dim: int, inverse_dynamics: nn.Module | None = None, cuda_graphs: bool = False):
-        self.kind, self.horizon, self.num_plans, self.reward_kind = args.planner, args.horizon, args.num_plans, args.plan_reward
+        self.kind, self.horizon, self.num_plans, self.reward_kind = args.planner, args.horizon, args.num_candidates, args.plan_reward
         self.diffusion, self.denoiser, self.q_target, self.inverse_dynamics = diffusion, denoiser, q_target, inverse_dynamics
         self.state_dim, self.action_dim = state_dim, action_dim
         self.x_dim = state_dim + (action_dim if self.kind == "diffuser" else 0)
-        self.cascade: nn.Module | None = None
-        self.compile = args.compile
-        self._compiled: dict[nn.Module, nn.Module] = {}
+        self.compiled = CompiledModules(args.compile)
         self.cuda_graphs = cuda_graphs
         self._graphed_act: dict[tuple, object] = {}  # (denoiser, cascade) -> act replayed from CUDA graphs
 
-    def acting_denoiser(self) -> nn.Module:
-        """The denoiser as `act` calls it: with --compile a torch.compile'd wrapper of the current denoiser, made once
-        per denoiser object (it reads the live weights, so training in between needs no new compilation)."""
-        if not self.compile:
-            return self.denoiser
-        if self.denoiser not in self._compiled:
-            self._compiled[self.denoiser] = torch.compile(self.denoiser)
-        return self._compiled[self.denoiser]
-
-    def sample(self, states, repeats, model=None, **sample_kwargs):
+    def sample(self, states, repeats, model=None, **sample_kwargs) -> SampleOutput:
         """`repeats` plans per state with the state in-painted; SampleOutput over (len(states) * repeats) plans."""
         known, values = inpaint_current_state(states, self.horizon, self.x_dim, repeats)
         batch_shape = (known.shape[0], self.horizon, self.x_dim)
         return self.diffusion.sample(model if model is not None else self.denoiser, batch_shape, None, inpaint_mask=known,
                                      inpaint_values=values, **sample_kwargs)
 
-    def refine(self, plans):
+    def refine(self, plans, cascade):
         """One pass through the cascade model: a new plan conditioned on each given plan (same current state)."""
         known, values = inpaint_current_state(plans[:, 0, : self.state_dim], self.horizon, self.x_dim, 1)
-        return self.diffusion.sample(self.cascade, (self.horizon, self.x_dim), plans, inpaint_mask=known,
+        return self.diffusion.sample(cascade, (self.horizon, self.x_dim), plans, inpaint_mask=known,
                                      inpaint_values=values).x0
 
     def states_actions(self, plans):
@@ -379,10 +362,10 @@ class Planner:
         q1, q2 = self.q_target(states[:, :steps].flatten(0, 1), actions.flatten(0, 1))
         return torch.min(q1, q2).view(plans.shape[0], steps).mean(1)
 
-    def act(self, states, use_cascade=False):
-        """Draw num_plans per state in one sampler call, keep the best by plan reward; (actions, chosen plans).
-        With CUDA graphs the returned tensors are overwritten by the next call."""
-        denoiser, cascade = self.acting_denoiser(), self.cascade if use_cascade else None
+    def act(self, states, cascade=None):
+        """Draw num_plans per state in one sampler call (refined once by `cascade` when given), keep the best by plan
+        reward; (actions, chosen plans). With CUDA graphs the returned tensors are overwritten by the next call."""
+        denoiser = self.compiled(self.denoiser)
         if not self.cuda_graphs:
             return self._act(states, denoiser, cascade)
         key = (denoiser, cascade)  # a new denoiser (LoRA, cascade) gets its own graphs; weights are read live
@@ -394,9 +377,10 @@ class Planner:
     def _act(self, states, denoiser, cascade):
         plans = self.sample(states, self.num_plans, model=denoiser).x0
         if cascade is not None:
-            plans = self.refine(plans)
+            plans = self.refine(plans, cascade)
         best = select_best_plans(self.rewards(plans), self.num_plans)
-        chosen = plans.view(states.shape[0], self.num_plans, self.horizon, self.x_dim)[torch.arange(len(states), device=plans.device), best]
+        chosen = plans.view(states.shape[0], self.num_plans, self.horizon, self.x_dim)[
+            torch.arange(len(states), device=plans.device), best]
         _, actions = self.states_actions(chosen)
         return actions[:, 0].clamp(-1, 1), chosen
 
@@ -406,638 +390,504 @@ def select_best_plans(rewards: torch.Tensor, plans_per_state: int) -> torch.Tens
     return rewards.view(-1, plans_per_state).argmax(1)
 
 
-def advantages_per_state(rewards: torch.Tensor, samples_per_state: int) -> torch.Tensor:
-    """(r - mean) / (std + 1e-8) among the samples of one conditioning state, clipped to +-5 (DESIGN 4.2)."""
-    grouped = rewards.view(-1, samples_per_state)
-    normalised = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-8)
-    return normalised.clamp(-5, 5).flatten()
+class PlanSpace:
+    """What the alignment methods need to know about the planner's samples. A condition is the current (normalised)
+    state (B, S); a sample is a plan window (H, x_dim) with that state in-painted at step 0, so only the other entries
+    are generated, scored and trained on; its reward is the planner's plan reward."""
+
+    def __init__(self, args: Args, planner: Planner, offline: dict[str, torch.Tensor]):
+        self.args, self.planner = args, planner
+        self.states, self.episode_last = offline["observations"], offline["episode_last"]
+        self.window_values = offline["observations"] if planner.kind == "dd" else torch.cat(
+            [offline["observations"], offline["actions"]], 1)  # the planner's x: states (dd) or states and actions
+        self.diffusion, self.device = planner.diffusion, self.states.device
+        self.shape = (args.horizon, planner.x_dim)
+        self.likelihood_threshold: tuple | None = None  # sft's, made once from the reference (see sft)
+
+    def conditions(self, batch: int) -> torch.Tensor:
+        return self.states[torch.randint(0, len(self.states), (batch,), device=self.device)]
+
+    def dataset_samples(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(self.states), (batch,), device=self.device)
+        plans = windows(self.window_values, starts, self.args.horizon, self.episode_last)
+        return plans, plans[:, 0, : self.planner.state_dim]
+
+    def sample(self, model, cond: torch.Tensor, n: int = 1, **kwargs) -> SampleOutput:
+        return self.planner.sample(cond, n, model=model, **kwargs)
+
+    def reward(self, cond: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+        return self.planner.rewards(samples)  # the in-painted step-0 state is the condition
+
+    def known(self, samples: torch.Tensor) -> torch.Tensor:
+        known = torch.zeros(samples.shape, dtype=torch.bool, device=samples.device)
+        known[:, 0, : self.planner.state_dim] = True
+        return known
+
+    def free_mask(self, samples: torch.Tensor) -> torch.Tensor:
+        return (~self.known(samples)).float()
+
+    def step_distribution(self, model, x: torch.Tensor, step: int, cond):
+        return self.diffusion.step_distribution(model, x, step, None)
+
+    def loss(self, model, samples: torch.Tensor, cond) -> torch.Tensor:
+        known = random_prefix_masks(len(samples), self.shape[0], self.planner.state_dim, self.shape[1], self.device)
+        return self.diffusion.loss(model, samples, None, mask=~known, known=known)
+
+    def eps_error(self, model, samples, cond, t, noise) -> torch.Tensor:
+        known = self.known(samples)
+        return self.diffusion.eps_error(model, samples, None, t, noise, mask=~known, known=known)
+
+    def cascade_loss(self, cascade, targets, conditions, cond) -> torch.Tensor:
+        known = random_prefix_masks(len(targets), self.shape[0], self.planner.state_dim, self.shape[1], self.device)
+        return self.diffusion.loss(cascade, targets, conditions, mask=~known, known=known).mean()
 
 
-def entropy_bonus(plans: torch.Tensor, samples_per_state: int) -> torch.Tensor:
-    """log distance to the nearest other plan of the same state (a Kozachenko-Leonenko entropy term, up to constants)."""
-    grouped = plans.flatten(1).view(-1, samples_per_state, plans[0].numel())
-    distances = torch.cdist(grouped, grouped) + torch.eye(samples_per_state, device=plans.device) * 1e6
-    return torch.log(distances.min(2).values + 1e-6).flatten()
+# ======================================================================================================================
+# Alignment methods. From here to the next banner the text is the same in dp_align.py and diffuser_align.py
+# (tests/test_alignment_copies.py): a method takes the sample space, the model it trains, its reference, the
+# optimiser and the arguments, draws one batch and returns detached metrics.
+# ======================================================================================================================
+def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
+    """Advantages per conditioning state (DESIGN 4.2): standardised within each state's group, clipped to +-5."""
+    grouped = rewards.view(-1, group)
+    advantages = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-8)
+    return advantages.clamp(-5, 5).flatten()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Alignment losses
-# ----------------------------------------------------------------------------------------------------------------
-def credit_weights(kind: str, chain: torch.Tensor, stochastic: torch.Tensor, decay: float) -> torch.Tensor:
-    """(S, B) weights of the stochastic denoising steps, mean 1 over those steps for every sample."""
-    steps, batch = chain.shape[0] - 1, chain.shape[1]
-    if kind == "uniform":
-        weights = torch.ones(steps, batch, device=chain.device)
-    elif kind == "decay":  # geometric, largest on the last step (closest to x_0)
-        weights = (decay ** torch.arange(steps - 1, -1, -1, device=chain.device, dtype=torch.float32)).unsqueeze(1)
-        weights = weights.expand(steps, batch).clone()
-    else:  # cosine similarity of each move with the direction to the final sample, clamped at 0
+def nearest_neighbour_log_distance(samples: torch.Tensor, group: int) -> torch.Tensor:
+    """log distance of each sample to its closest sibling (same state): the per-sample term of the
+    Kozachenko-Leonenko entropy estimate, used as an entropy bonus."""
+    flat = samples.flatten(1).view(-1, group, samples[0].numel())
+    distances = torch.cdist(flat, flat) + torch.eye(group, device=samples.device) * 1e9
+    return torch.log(distances.min(-1).values + 1e-6).flatten()
+
+
+def sample_rewards(space, cond: torch.Tensor, samples: torch.Tensor, group: int, args) -> torch.Tensor:
+    """Reward of each of the `group` samples per condition, plus the entropy bonus; differentiable in `samples`."""
+    rewards = space.reward(cond.repeat_interleave(group, 0), samples)
+    if args.entropy_coef > 0:
+        rewards = rewards + args.entropy_coef * nearest_neighbour_log_distance(samples, group)
+    return rewards
+
+
+def credit_weights(chain: torch.Tensor, stochastic: torch.Tensor, scheme: str, decay: float) -> torch.Tensor:
+    """(S, B) weights of the denoising steps, zero on deterministic steps and mean 1 over the stochastic ones."""
+    steps = chain.shape[0] - 1
+    if scheme == "uniform":
+        weights = torch.ones(steps, chain.shape[1], device=chain.device)
+    elif scheme == "decay":  # geometric, largest at the last step (closest to x_0)
+        exponents = torch.arange(steps - 1, -1, -1, device=chain.device, dtype=torch.float32)
+        weights = (decay**exponents)[:, None].expand(steps, chain.shape[1])
+    else:  # similarity of each step's move with the direction to the final sample
         moves = (chain[1:] - chain[:-1]).flatten(2)
         to_final = (chain[-1:] - chain[:-1]).flatten(2)
-        weights = F.cosine_similarity(moves, to_final, dim=2, eps=1e-8).clamp(min=0)
-    weights = weights * stochastic.unsqueeze(1)
-    return weights / weights.sum(0, keepdim=True).clamp(min=1e-8) * stochastic.sum()
+        weights = F.cosine_similarity(moves, to_final, dim=-1).clamp(min=0)
+    weights = weights * stochastic[:, None]
+    mean = weights.sum(0, keepdim=True) / stochastic.sum().clamp(min=1)
+    return torch.where(mean > 0, weights / mean.clamp(min=1e-8), stochastic[:, None].float())
 
 
-def step_log_prob(diffusion: Diffusion, model, chain, step: int, free_mask):
-    """log pi(x_{step+1} | x_step) under `model` (sum over not-in-painted entries), and the step's (mean, std)."""
-    mean, std = diffusion.step_distribution(model, chain[step], step, None)
-    return gaussian_log_prob(chain[step + 1], mean, std, free_mask), mean, std
+def step_kl(mean, reference_mean, std: float, free_mask) -> torch.Tensor:
+    """KL of the policy's step to the reference's, ||mu - mu_ref||^2 / (2 s^2) for equal variances (B,), over the
+    generated entries; deterministic steps (s = 0) use s = 1, half the squared distance of the step means."""
+    squared = (mean - reference_mean) ** 2
+    if free_mask is not None:
+        squared = squared * free_mask
+    return squared.flatten(1).sum(1) / (2 * (std**2 if std > 0 else 1.0))
 
 
-def policy_gradient_loss(log_prob, old_log_prob, advantages, weights, algo: str, clip: float):
-    """Per-step loss (mean over samples) of REINFORCE or PPO-clip, and the importance ratio."""
+def ppo_step_loss(log_prob, old_log_prob, advantages, weights, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate of one denoising step, mean over samples; returns (loss, ratio)."""
     ratio = torch.exp(log_prob - old_log_prob)
-    if algo == "reinforce":
-        return -(weights * log_prob * advantages).mean(), ratio
-    clipped = torch.clamp(ratio, 1 - clip, 1 + clip)
-    return (weights * torch.max(-advantages * ratio, -advantages * clipped)).mean(), ratio
+    surrogate = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    return (weights * surrogate).mean(), ratio
 
 
-def kl_to_reference(mean, reference_mean, std, free_mask):
-    """KL between the step Gaussians of policy and reference (equal variances): ||mu - mu_ref||^2 / (2 std^2).
-
-    Deterministic steps (std 0) use std 1, i.e. a plain squared distance between the two updates."""
-    variance = std**2 if std > 0 else 1.0
-    return (((mean - reference_mean) ** 2) * free_mask).flatten(1).sum(1).mean() / (2 * variance)
+def clipped_step(optimizer: torch.optim.Optimizer, max_grad_norm: float) -> None:
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_grad_norm)
+    optimizer.step()
 
 
-def dpo_loss(diffusion: Diffusion, model, reference, winners, losers, known, beta: float):
-    """Diffusion-DPO: the same t and noise for both members of a pair; returns (loss, implicit accuracy)."""
-    t = diffusion.sample_train_time(winners.shape[0], winners.device)
-    noise = torch.randn_like(winners)
-    both = torch.cat([winners, losers])
-    t2, noise2, known2 = torch.cat([t, t]), torch.cat([noise, noise]), torch.cat([known, known])
-    errors = diffusion.eps_error(model, both, None, t2, noise2, mask=~known2, known=known2)
-    with torch.no_grad(), reference() as reference_model:
-        reference_errors = diffusion.eps_error(reference_model, both, None, t2, noise2, mask=~known2, known=known2)
-    win_error, lose_error = errors.chunk(2)
-    ref_win_error, ref_lose_error = reference_errors.chunk(2)
-    margin = (win_error - lose_error) - (ref_win_error - ref_lose_error)
-    return -F.logsigmoid(-beta * margin).mean(), (margin < 0).float().mean()
+def rl(space, policy, reference, optimizer, args) -> dict:
+    """RL over the denoising chain (DESIGN 4.3): REINFORCE (- sum_t w_t log p_t A) or PPO-clip (mean over steps of
+    the clipped surrogate, ppo_epochs per batch), with an optional per-step KL to the reference."""
+    group = args.group_size
+    cond = space.conditions(args.align_batch)
+    with torch.no_grad():
+        rollout = space.sample(policy, cond, group, return_chain=True)
+        rewards = sample_rewards(space, cond, rollout.x0, group, args)
+        advantages = group_advantages(rewards, group)
+        weights = credit_weights(rollout.chain, rollout.stochastic, args.credit, args.credit_decay)
+    steps = rollout.stochastic.nonzero().flatten().tolist()
+    free_mask = space.free_mask(rollout.x0)
+    metrics = {}
+    for _ in range(args.ppo_epochs if args.rl_algo == "ppo" else 1):
+        optimizer.zero_grad(set_to_none=True)
+        total, kl_total, ratio_deviation = (torch.zeros((), device=cond.device) for _ in range(3))
+        for step in steps:  # one backward per step keeps only one step's graph in memory
+            mean, std = space.step_distribution(policy, rollout.chain[step], step, rollout.cond)
+            log_prob = gaussian_log_prob(rollout.chain[step + 1], mean, std, free_mask)
+            if args.rl_algo == "reinforce":
+                loss = -(weights[step] * log_prob * advantages).mean()
+            else:
+                loss, ratio = ppo_step_loss(log_prob, rollout.log_probs[step], advantages, weights[step], args.ppo_clip)
+                loss = loss / len(steps)
+                ratio_deviation = ratio_deviation + (ratio - 1).abs().mean().detach() / len(steps)
+            if args.kl_coef > 0:
+                with torch.no_grad():
+                    reference_mean, _ = space.step_distribution(reference, rollout.chain[step], step, rollout.cond)
+                kl = step_kl(mean, reference_mean, std, free_mask).mean() / len(steps)
+                loss = loss + args.kl_coef * kl
+                kl_total = kl_total + kl.detach()
+            loss.backward()
+            total = total + loss.detach()
+        clipped_step(optimizer, args.max_grad_norm)
+        metrics = {"loss": total, "kl": kl_total, "ratio_deviation": ratio_deviation}
+    return {**metrics, "reward": rewards.mean()}
 
 
-def elbo_proxy(diffusion: Diffusion, model, plans, known, draws: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Denoising error averaged over fixed (t, noise) draws: low means likely under `model` (an ELBO proxy)."""
-    scores = torch.zeros(plans.shape[0], device=plans.device)
-    for t_value, noise in draws:
-        t = torch.full((plans.shape[0],), t_value, device=plans.device)
-        scores += diffusion.eps_error(model, plans, None, t, noise.expand_as(plans), mask=~known, known=known)
-    return scores / len(draws)
+def qvpg(space, policy, reference, optimizer, args) -> dict:
+    """QV-PG (DESIGN 4.3): -reward back-propagated through the last K denoising steps only, normalised by the batch's
+    mean reward magnitude (the learning rate does not depend on Q's scale), with an optional KL to the reference."""
+    k = int(torch.randint(1, args.qvpg_k + 1, ()).item()) if args.qvpg_random_k else args.qvpg_k
+    cond = space.conditions(args.align_batch)
+    out = space.sample(policy, cond, args.group_size, grad_last_k=k, return_chain=args.kl_coef > 0)
+    rewards = sample_rewards(space, cond, out.x0, args.group_size, args)
+    loss = -(rewards / rewards.detach().abs().mean().clamp(min=1e-6)).mean()
+    kl_total = torch.zeros((), device=rewards.device)
+    if args.kl_coef > 0:
+        free_mask = space.free_mask(out.x0)
+        for step in range(len(out.chain) - 1 - k, len(out.chain) - 1):
+            latent = out.chain[step].detach()
+            mean, std = space.step_distribution(policy, latent, step, out.cond)
+            with torch.no_grad():
+                reference_mean, _ = space.step_distribution(reference, latent, step, out.cond)
+            kl_total = kl_total + step_kl(mean, reference_mean, std, free_mask).mean() / k
+        loss = loss + args.kl_coef * kl_total
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clipped_step(optimizer, args.max_grad_norm)
+    return {"loss": loss.detach(), "reward": rewards.detach().mean(), "kl": kl_total.detach()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Critic (IQL) and data helpers
-# ----------------------------------------------------------------------------------------------------------------
-def iql_losses(q, q_target, value, batch, expectile: float, discount: float):
-    """IQL: expectile regression of V on min target-Q, and Q towards r + gamma (1 - done) V(s')."""
+def dpo_loss(space, policy, reference, winners, losers, cond, beta: float, t=None, noise=None):
+    """Diffusion-DPO (DESIGN 4.4): -log sigmoid(-beta (d_theta - d_ref)), d = eps-error(winner) - eps-error(loser)
+    with the same t and noise for both members of a pair; returns (loss, implicit accuracy)."""
+    pairs = winners.shape[0]
+    t = space.diffusion.sample_train_time(pairs, winners.device) if t is None else t
+    noise = torch.randn_like(winners) if noise is None else noise
+    both, both_cond = torch.cat([winners, losers]), torch.cat([cond, cond])
+    both_t, both_noise = torch.cat([t, t]), torch.cat([noise, noise])
+    errors = space.eps_error(policy, both, both_cond, both_t, both_noise)
+    with torch.no_grad():
+        reference_errors = space.eps_error(reference, both, both_cond, both_t, both_noise)
+    logits = -beta * ((errors[:pairs] - errors[pairs:]) - (reference_errors[:pairs] - reference_errors[pairs:]))
+    return -F.logsigmoid(logits).mean(), (logits > 0).float().mean()
+
+
+def dpo(space, policy, reference, optimizer, args) -> dict:
+    """DPO on pairs ranked by reward: per state, the i-th best sample wins against the i-th worst. The reference is
+    the model as the DPO stage found it (the foundation when DPO comes first, as Diffusion-DPO is published);
+    every pair is scored under dpo_noise_draws (t, noise) draws, for epochs_per_batch steps."""
+    group, half = args.group_size, args.group_size // 2
+    cond = space.conditions(args.align_batch)
+    with torch.no_grad():
+        samples = space.sample(reference if args.dpo_source == "reference" else policy, cond, group).x0
+        rewards = sample_rewards(space, cond, samples, group, args).view(-1, group)
+        order = rewards.argsort(dim=1, descending=True)
+        grouped = samples.view(-1, group, *samples.shape[1:])
+        rows = torch.arange(grouped.shape[0], device=samples.device)[:, None]
+        winners = grouped[rows, order[:, :half]].flatten(0, 1).repeat(args.dpo_noise_draws, *[1] * len(space.shape))
+        losers = grouped[rows, order.flip(1)[:, :half]].flatten(0, 1).repeat(args.dpo_noise_draws,
+                                                                              *[1] * len(space.shape))
+        pair_cond = cond.repeat_interleave(half, 0).repeat(args.dpo_noise_draws, *[1] * (cond.dim() - 1))
+    for _ in range(args.epochs_per_batch):  # fresh (t, noise) every epoch
+        optimizer.zero_grad(set_to_none=True)
+        loss, accuracy = dpo_loss(space, policy, reference, winners, losers, pair_cond, args.dpo_beta)
+        loss.backward()
+        clipped_step(optimizer, args.max_grad_norm)
+    return {"loss": loss.detach(), "implicit_accuracy": accuracy, "reward": rewards.mean()}
+
+
+def elbo_proxy(space, model, samples, cond, draws_t, draws_noise) -> torch.Tensor:
+    """Denoising error averaged over fixed (t, noise) draws (B,): low means likely under `model`."""
+    draws, batch = draws_t.shape[0], samples.shape[0]
+    errors = space.eps_error(model, samples.repeat(draws, *[1] * (samples.dim() - 1)),
+                             cond.repeat(draws, *[1] * (cond.dim() - 1)), draws_t.repeat_interleave(batch),
+                             draws_noise.repeat_interleave(batch, 0))
+    return errors.view(draws, batch).mean(0)
+
+
+def likelihood_threshold(space, reference, args, dataset_samples: int = 1024) -> tuple:
+    """SFT's acceptance rule (DESIGN 4.5): fixed (t, noise) draws, from a seed of their own, and the sft_quantile of
+    the reference's ELBO proxy on dataset samples."""
+    device = space.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + 1)
+        draws_t = space.diffusion.sample_train_time(args.sft_elbo_draws, device)
+        draws_noise = torch.randn(args.sft_elbo_draws, *space.shape, device=device)
+        samples, cond = space.dataset_samples(dataset_samples)
+    with torch.no_grad():
+        scores = elbo_proxy(space, reference, samples, cond, draws_t, draws_noise)
+    return torch.quantile(scores, args.sft_quantile), draws_t, draws_noise
+
+
+def sft(space, policy, reference, optimizer, args) -> dict:
+    """SFT with a likelihood threshold (DESIGN 4.5): per state the top sft_top_fraction of the samples by reward,
+    those the frozen reference still finds likely (ELBO proxy under the dataset's sft_quantile), fine-tuned on with
+    the ordinary diffusion loss for epochs_per_batch steps."""
+    group = args.group_size
+    if space.likelihood_threshold is None:
+        space.likelihood_threshold = likelihood_threshold(space, reference, args)
+    threshold, draws_t, draws_noise = space.likelihood_threshold
+    cond = space.conditions(args.align_batch)
+    keep = max(1, math.ceil(args.sft_top_fraction * group))
+    sources = {"current": [(policy, group)], "reference": [(reference, group)],
+               "both": [(policy, group // 2), (reference, group - group // 2)]}[args.sft_source]
+    with torch.no_grad():
+        samples = torch.cat([space.sample(model, cond, count).x0.view(-1, count, *space.shape)
+                             for model, count in sources], 1).flatten(0, 1)
+        rewards = sample_rewards(space, cond, samples, group, args).view(-1, group)
+        top = rewards.topk(keep, dim=1).indices
+        rows = torch.arange(top.shape[0], device=samples.device)[:, None]
+        best = samples.view(-1, group, *space.shape)[rows, top].flatten(0, 1)
+        best_cond = cond.repeat_interleave(keep, 0)
+        accepted = elbo_proxy(space, reference, best, best_cond, draws_t, draws_noise) <= threshold
+    loss = torch.zeros((), device=samples.device)
+    for _ in range(args.epochs_per_batch if accepted.any() else 0):
+        optimizer.zero_grad(set_to_none=True)
+        loss = space.loss(policy, best[accepted], best_cond[accepted]).mean()
+        loss.backward()
+        clipped_step(optimizer, args.max_grad_norm)
+    return {"loss": loss.detach(), "acceptance": accepted.float().mean(), "reward": rewards.mean()}
+
+
+def cascade(space, policy, reference, optimizer, args) -> dict:
+    """Cascade training (DESIGN 4.6): `policy` is the cascade, `reference` the model whose samples it refines.
+    Consistent pairs branch cascade_branches continuations from one shared latent per state (stochastic samplers:
+    the chain's latent; deterministic ones: the shared sample re-noised to that step's level with fresh noise per
+    branch), ranked by reward; every other branch becomes a condition for the best one."""
+    branches = args.cascade_branches
+    cond = space.conditions(args.align_batch)
+    with torch.no_grad():
+        trunk = space.sample(reference, cond, return_chain=True)
+        branch_step = int(args.cascade_branch_fraction * (len(trunk.chain) - 1))
+        if space.diffusion.stochastic:
+            start = trunk.chain[branch_step].repeat_interleave(branches, 0)
+        else:
+            shared = trunk.x0.repeat_interleave(branches, 0)
+            t = torch.full((shared.shape[0],), space.diffusion.step_time[branch_step], device=shared.device)
+            start = space.diffusion.add_noise(shared, t, torch.randn_like(shared))
+        samples = space.sample(reference, cond, branches, x_start=start, start_step=branch_step).x0
+        rewards = sample_rewards(space, cond, samples, branches, args).view(-1, branches)
+        order = rewards.argsort(dim=1, descending=True)
+        grouped = samples.view(-1, branches, *space.shape)
+        rows = torch.arange(grouped.shape[0], device=samples.device)[:, None]
+        targets = grouped[rows, order[:, :1]].expand(-1, branches - 1, *space.shape).flatten(0, 1)
+        conditions = grouped[rows, order[:, 1:]].flatten(0, 1)
+        pair_cond = cond.repeat_interleave(branches - 1, 0)
+    optimizer.zero_grad(set_to_none=True)
+    loss = space.cascade_loss(policy, targets, conditions, pair_cond)
+    loss.backward()
+    clipped_step(optimizer, args.max_grad_norm)
+    return {"loss": loss.detach(), "pair_gain": (rewards.max(1).values - rewards.mean(1)).mean()}
+
+
+def iql_losses(critic, critic_target, value, batch, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQL (DESIGN 3.2; the same text in all three scripts): expectile regression of V on min target-Q, and TD
+    regression of both Q heads on r + gamma (1 - terminal) V(s')."""
     states, actions, rewards, next_states, terminals = batch
     with torch.no_grad():
-        target_q = torch.min(*q_target(states, actions))
+        q_target = torch.min(*critic_target(states, actions))
         next_value = value(next_states)
-    diff = target_q - value(states)
-    value_loss = (torch.abs(expectile - (diff < 0).float()) * diff**2).mean()
-    td_target = rewards + discount * (1.0 - terminals) * next_value
-    q1, q2 = q(states, actions)
-    return value_loss, ((q1 - td_target) ** 2 + (q2 - td_target) ** 2).mean()
+    difference = q_target - value(states)
+    value_loss = (torch.abs(args.expectile - (difference < 0).float()) * difference.pow(2)).mean()
+    td_target = rewards + args.gamma * (1.0 - terminals) * next_value
+    q1, q2 = critic(states, actions)
+    return value_loss, (q1 - td_target).pow(2).mean() + (q2 - td_target).pow(2).mean()
 
 
-@torch.no_grad()
-def polyak_update(target: nn.Module, source: nn.Module, rate: float) -> None:
-    for target_param, param in zip(target.parameters(), source.parameters()):
-        target_param.lerp_(param, rate)
+def iql_update(critic, critic_target, value, batch, optimizers, args, losses=iql_losses) -> dict:
+    """One IQL step (the same text in all three scripts): both losses with one backward (Q's and V's parameters are
+    disjoint; V(s') is taken before V moves), then the Polyak target. `losses` may be iql_losses torch.compile'd."""
+    value_loss, q_loss = losses(critic, critic_target, value, batch, args)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    (value_loss + q_loss).backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(critic_target.parameters()), list(critic.parameters()), args.polyak)
+    return {"value": value_loss.detach(), "q": q_loss.detach()}
 
 
-def affine_fit(raw: np.ndarray, transformed: np.ndarray) -> tuple[float, float]:
-    """(scale, shift) with transformed = scale * raw + shift: the IQL reward convention is affine per dataset."""
-    if np.ptp(raw) == 0:
-        return 1.0, float(np.mean(transformed - raw))
-    scale, shift = np.polyfit(raw.astype(np.float64), transformed.astype(np.float64), 1)
-    return float(scale), float(shift)
+# ======================================================================================================================
+# Foundation training and evaluation
+# ======================================================================================================================
+def foundation_step(space: PlanSpace, model, optimizer, args: Args) -> dict:
+    """Masked in-painting on dataset windows. `model` is the U-Net or its torch.compile'd wrapper."""
+    windows, cond = space.dataset_samples(args.batch_size)
+    loss = space.loss(model, windows, cond).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.detach()}
 
 
-def collect_transitions(planner: Planner, make_env, episodes: int, seed: int, to_model, action_from_model, max_steps):
-    """Roll out the planner (one env at a time) and return (s, a, r, s', terminal) arrays in dataset units."""
-    rows = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals")}
-    for episode in range(episodes):
-        env = make_env()
-        obs, _ = env.reset(seed=seed + episode)
-        for _ in range(max_steps or 10**9):
-            action, _ = planner.act(to_model(obs[None]))
-            env_action = action_from_model(action)[0]
-            next_obs, reward, terminated, truncated, _ = env.step(env_action)
-            for key, value in zip(rows, (obs, env_action, reward, next_obs, terminated)):
-                rows[key].append(np.asarray(value, dtype=np.float32))
-            obs = next_obs
-            if terminated or truncated:
-                break
-        env.close()
-    return {key: np.stack(values) for key, values in rows.items()}
+def inverse_dynamics_step(inverse_dynamics, transitions: dict, optimizer, args: Args) -> dict:
+    """Decision Diffuser's action model a = g(s, s'), regressed on dataset transitions."""
+    index = torch.randint(0, len(transitions["observations"]), (args.batch_size,), device=transitions["actions"].device)
+    predicted = inverse_dynamics(transitions["observations"][index], transitions["next_observations"][index])
+    loss = F.mse_loss(predicted, transitions["actions"][index])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.detach()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+def critic_batch(transitions: dict, batch: int) -> tuple:
+    index = torch.randint(0, len(transitions["observations"]), (batch,), device=transitions["actions"].device)
+    return tuple(transitions[key][index] for key in
+                 ("observations", "actions", "rewards", "next_observations", "terminals"))
+
+
+class PlanningPolicy:
+    """evaluate()'s policy: plans from every observation and executes the best plan's first action; on Nav1D it
+    also scores the dynamics coherency of the chosen plans."""
+
+    def __init__(self, planner: Planner, data, normalizer: Normalizer, cascade: nn.Module | None):
+        self.planner, self.data, self.normalizer, self.cascade = planner, data, normalizer, cascade
+        self.device = next(planner.q_target.parameters()).device
+        self.coherency: list[float] = []
+
+    def __call__(self, observations: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
+        states = torch.as_tensor(self.normalizer.normalize(observations.astype(np.float32)), device=self.device)
+        actions, chosen = self.planner.act(states, self.cascade)
+        if self.data.family == "nav1d":  # dynamics consistency of the chosen plans
+            plan_states, plan_actions = self.planner.states_actions(chosen)
+            self.coherency += nav1d.plans_coherency(observations,
+                                                    self.normalizer.unnormalize(plan_states.cpu().numpy())[..., 0],
+                                                    unscale_actions(self.data, plan_actions.cpu().numpy())[..., 0])
+        return unscale_actions(self.data, actions.cpu().numpy())
+
+
+def evaluate_planner(planner: Planner, data, normalizer: Normalizer, cascade: nn.Module | None, args: Args) -> dict:
+    """Return statistics over eval_episodes (and plan coherency on Nav1D)."""
+    policy = PlanningPolicy(planner, data, normalizer, cascade)
+    result = evaluate(policy, data.make_env, args.eval_episodes, args.seed, args.eval_max_steps or None)
+    stats = stage_stats(result.returns, normalized_score(data, result.returns))
+    if policy.coherency:
+        stats["coherency"] = float(np.mean(policy.coherency))
+    return stats
+
+
+# ======================================================================================================================
 # Main
-# ----------------------------------------------------------------------------------------------------------------
+# ======================================================================================================================
 def main(args: Args) -> None:
-    presets = apply_presets(args, PRESETS)
+    from_presets = apply_presets(args, PRESETS)
     methods = validate_args(args)
-    run = start_run(args, script="diffuser_align")
-    device, writer = run.device, run.writer
-    if presets:
-        print(f"preset values for {args.env}: {presets}")
-    wall_start = time.time()
-    checkpoint = run.load_checkpoint() if args.resume else None
-
-    # ---------------- data ----------------
+    loaded = {stage: check_loadable(path, SCRIPT, stage)
+              for stage, path in (("foundation", args.load_foundation), ("critic", args.load_critic)) if path}
     data = load_offline_data(args.env)
+    normalizer = Normalizer.from_array(data.observations)
+    for stage, checkpoint in loaded.items():
+        require_same_data(checkpoint, normalizer, f"--load-{stage}", args, PLANNER_SETTINGS if stage == "foundation" else ())
+    run = start_run(args, SCRIPT)
+    device, graphs = run.device, use_cuda_graphs(args, run.device)
+    if from_presets:
+        print(f"preset values for {args.env}: {from_presets}")
+
+    # ---- models, optimisers, data (everything a checkpoint may hold is built before resuming) ---------------------
     state_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
-    state_norm = Normalizer.from_array(data.observations)
-    action_low, action_high = np.asarray(data.action_low, np.float32), np.asarray(data.action_high, np.float32)
-    action_scale = lambda a: 2.0 * (np.asarray(a, np.float32) - action_low) / (action_high - action_low) - 1.0
-    action_unscale = lambda a: action_low + (np.asarray(a) + 1.0) * 0.5 * (action_high - action_low)
-    to_model = lambda obs: torch.as_tensor(state_norm.normalize(np.asarray(obs, np.float32)), device=device)
-    action_from_model = lambda a: np.clip(action_unscale(a.cpu().numpy()), action_low, action_high)
-    window_starts = sample_windows_index(data, args.horizon)
-    states_np = state_norm.normalize(data.observations).astype(np.float32)
-    actions_np = action_scale(data.actions).astype(np.float32)
-    windows_source = np.concatenate([states_np, actions_np], 1) if args.planner == "diffuser" else states_np
-    x_dim = windows_source.shape[1]
-    critic_rewards = iql_rewards(data).astype(np.float32)
-    reward_scale, reward_shift = affine_fit(data.rewards, critic_rewards)  # the same convention for online data
-    transitions = dict(observations=states_np, actions=actions_np, rewards=critic_rewards,
-                       next_observations=state_norm.normalize(data.next_observations).astype(np.float32),
-                       terminals=data.terminals.astype(np.float32))
-    rng = np.random.default_rng(args.seed)
-
-    def window_batch(size: int) -> torch.Tensor:
-        starts = window_starts[rng.integers(0, len(window_starts), size)]
-        windows, _ = gather_windows(windows_source, starts, args.horizon, data.episode_ends)
-        return torch.as_tensor(windows, device=device)
-
-    def transition_batch(size: int):
-        index = rng.integers(0, len(transitions["observations"]), size)
-        return [torch.as_tensor(transitions[key][index], device=device) for key in
-                ("observations", "actions", "rewards", "next_observations", "terminals")]
-
-    # ---------------- models ----------------
+    x_dim = state_dim + (action_dim if args.planner == "diffuser" else 0)
     diffusion = make_diffusion(args)
-    make_unet = lambda extra=0: TemporalUNet(x_dim, args.horizon, 0, args.unet_base_dim, args.unet_dim_mults,
-                                             extra_in_dim=extra).to(device)
-    foundation = make_unet()
+    foundation = TemporalUNet(x_dim, args.horizon, 0, args.unet_base_dim, args.unet_dim_mults).to(device)
     inverse_dynamics = InverseDynamics(state_dim, action_dim, args.inverse_dynamics_hidden).to(device)
-    q, value = TwinQ(state_dim, action_dim, args.critic_hidden).to(device), ValueNet(state_dim, args.critic_hidden).to(device)
-    q_target = copy.deepcopy(q).requires_grad_(False)
-    print(f"foundation U-Net: {count_parameters(foundation):,} parameters, x_dim {x_dim}, horizon {args.horizon}")
-    planner_net: nn.Module | None = None  # foundation + LoRA adapters (or a full copy), made after foundation training
-    frozen_reference: nn.Module | None = None  # only for --lora-rank 0
-    cascade_unet: TemporalUNet | None = None
-    graphs = use_cuda_graphs(args, device)
-    planner = Planner(args, diffusion, foundation, q_target, state_dim, action_dim,
+    critic, value = TwinQ(state_dim, action_dim, args.critic_hidden).to(device), ValueNet(state_dim, args.critic_hidden).to(device)
+    critic_target = copy.deepcopy(critic).requires_grad_(False)
+    trainer = Trainer(run, args.log_every, args.save_every)
+    trainer.models = {"foundation": foundation, "inverse_dynamics": inverse_dynamics, "critic": critic,
+                      "critic_target": critic_target, "value": value}
+    optimizers = trainer.optimizers = {
+        "foundation": torch.optim.Adam(foundation.parameters(), lr=args.foundation_lr, capturable=graphs),
+        "inverse_dynamics": torch.optim.Adam(inverse_dynamics.parameters(), lr=args.foundation_lr),
+        "q": torch.optim.Adam(critic.parameters(), lr=args.critic_lr, capturable=graphs),
+        "v": torch.optim.Adam(value.parameters(), lr=args.critic_lr, capturable=graphs)}
+    trainer.state.update(normalizer=normalizer.state_dict(), online=None)
+    if args.resume:
+        trainer.resume(run.load_checkpoint())
+    offline = transitions = model_transitions(data, normalizer, device=device)  # + online episodes after a collection
+    if trainer.state["online"] is not None:
+        transitions = model_transitions(data, normalizer, trainer.state["online"], device)
+    planner = Planner(args, diffusion, foundation, critic_target, state_dim, action_dim,
                       inverse_dynamics if args.planner == "dd" else None, cuda_graphs=graphs)
+    space = PlanSpace(args, planner, offline)
+    print(f"data: {data.source}, {len(data)} transitions; foundation U-Net {count_parameters(foundation):,} "
+          f"parameters, x_dim {x_dim}, horizon {args.horizon}; device {device}")
 
-    def build_aligned_planner() -> None:
-        nonlocal planner_net, frozen_reference
-        planner_net = copy.deepcopy(foundation)
-        if args.lora_rank > 0:
-            inject_lora(planner_net, args.lora_rank, args.lora_alpha, include_conv=True)
-        else:
-            frozen_reference = copy.deepcopy(foundation).requires_grad_(False)
-        planner.denoiser = planner_net
+    def critic_stage(stage: str, steps: int) -> None:
+        """IQL on the current transitions (the offline data, plus online episodes after a collection)."""
+        step = cuda_graphed(lambda: iql_update(critic, critic_target, value, critic_batch(transitions, args.critic_batch_size),
+                                               (optimizers["v"], optimizers["q"]), args), graphs)
+        trainer.run_stage(stage, steps, step, tag="critic", optimizer=optimizers["q"])
+        trainer.finish(stage)
 
-    @contextmanager
-    def reference():
-        """The frozen foundation: adapters switched off, or the frozen copy for full fine-tuning."""
-        if frozen_reference is not None:
-            yield frozen_reference
-        else:
-            with lora_disabled(planner_net) as model:
-                yield model
-
-    def build_cascade() -> None:
-        nonlocal cascade_unet
-        cascade_unet = make_unet(extra=x_dim)
-        load_foundation_into_cascade(cascade_unet, foundation.state_dict())
-        planner.cascade = CascadeDenoiser(cascade_unet)
-
-    # ---------------- checkpoint state ----------------
-    completed: list[str] = []
-    results: dict[str, dict] = {}
-    throughput: dict[str, float] = {}
-    optimizers: dict[str, torch.optim.Optimizer] = {}
-    online_data: dict[str, np.ndarray] = {}
-    resume_stage, resume_step, resume_optimizers = None, 0, {}
-    if checkpoint is not None:
-        completed, results, throughput = checkpoint["completed"], checkpoint["results"], checkpoint["throughput"]
-        resume_stage, resume_step, resume_optimizers = checkpoint["stage"], checkpoint["step"], checkpoint["optimizers"]
-        models = checkpoint["models"]
-        load_module_state(foundation, models["foundation"], "the foundation planner")
-        load_module_state(inverse_dynamics, models["inverse_dynamics"], "the inverse dynamics")
-        for module, key in ((q, "q"), (q_target, "q_target"), (value, "value")):
-            load_module_state(module, models[key], f"the critic ({key})")
-        if "planner" in models:
-            build_aligned_planner()
-            load_module_state(planner_net, models["planner"], "the aligned planner")
-        if "cascade" in models:
-            build_cascade()
-            load_module_state(cascade_unet, models["cascade"], "the cascade model")
-        online_data = checkpoint["online_data"]
-        if online_data:
-            for key in transitions:
-                transitions[key] = np.concatenate([transitions[key], online_data[key]])
-        rng.bit_generator.state = checkpoint["numpy_rng"]
-        restore_rng(checkpoint["rng"])
-        print(f"resuming from stage '{resume_stage}' step {resume_step}; finished: {', '.join(completed) or 'none'}")
-
-    def load_stage_from(path: str, stages: list[str], modules: dict[str, nn.Module], same: tuple[str, ...]) -> None:
-        """Reuse finished stages of another run (same data and sizes), e.g. one foundation for many alignments."""
-        other = read_checkpoint_file(path, "diffuser_align")
-        differing = [f"{name}={other['args'].get(name)!r}" for name in same if other["args"].get(name) != getattr(args, name)]
-        if differing:
-            raise UserError(f"checkpoint '{path}' was trained with other settings ({', '.join(differing)})")
-        missing = [stage for stage in stages if stage not in other["completed"]]
-        if missing:
-            raise UserError(f"checkpoint '{path}' has not finished stage(s) {', '.join(missing)}")
-        for key, module in modules.items():
-            load_module_state(module, other["models"][key], f"{key} from '{path}'")
-        completed.extend(stages)
-        print(f"loaded {', '.join(stages)} from {path}")
-
-    if checkpoint is None and args.load_foundation:
-        load_stage_from(args.load_foundation, ["foundation"] + (["inverse_dynamics"] if args.planner == "dd" else []),
-                        dict(foundation=foundation, inverse_dynamics=inverse_dynamics),
-                        ("env", "planner", "sampler", "prediction", "denoising_steps"))
-    if checkpoint is None and args.load_critic:
-        load_stage_from(args.load_critic, ["critic"], dict(q=q, q_target=q_target, value=value), ("env",))
-
-    def save(stage: str, step: int) -> None:
-        models = dict(foundation=foundation.state_dict(), inverse_dynamics=inverse_dynamics.state_dict(),
-                      q=q.state_dict(), q_target=q_target.state_dict(), value=value.state_dict())
-        if planner_net is not None:
-            models["planner"] = planner_net.state_dict()
-        if cascade_unet is not None:
-            models["cascade"] = cascade_unet.state_dict()
-        run.save_checkpoint(dict(stage=stage, step=step, completed=completed, results=results, throughput=throughput,
-                                 models=models, optimizers={k: o.state_dict() for k, o in optimizers.items()},
-                                 online_data=online_data, rng=capture_rng(), numpy_rng=rng.bit_generator.state))
-
-    def make_optimizer(stage: str, parameters, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
-        """capturable: the stage's step is replayed from a CUDA graph (the Adam step count stays on the device)."""
-        optimizers.clear()
-        optimizers[stage] = torch.optim.Adam(parameters, lr=lr, capturable=capturable)
-        if stage == resume_stage and stage in resume_optimizers:
-            optimizers[stage].load_state_dict(resume_optimizers[stage])
-        return optimizers[stage]
-
-    def train(stage: str, total_steps: int, step_fn, log_every: int = 50, curve=None) -> float:
-        """Run step_fn(step) -> {name: detached loss tensor} from the resumed step; checkpoints, Ctrl-C, finiteness;
-        returns steps/s.
-
-        Losses are read back (a host-device sync) only to be logged, every `log_every` steps and before every
-        checkpoint, where a non-finite one stops the run: a checkpoint never follows a non-finite loss.
-        `curve(step)` is called every --eval-every steps (alignment learning curves)."""
-        start = resume_step if stage == resume_stage else 0
-        bar = tqdm(range(start, total_steps), desc=stage, leave=False, dynamic_ncols=True, disable=total_steps == 0)
-        began = time.perf_counter()
-        for step in bar:
-            losses = step_fn(step)
-            saving = run.interrupted() or (step + 1) % args.save_every == 0 or step == total_steps - 1
-            if step % log_every == 0 or saving:
-                values = {name: float(value) for name, value in losses.items()}
-                for name, value in values.items():
-                    check_finite(value, stage, step)
-                    writer.add_scalar(f"losses/{stage}/{name}", value, step)
-                bar.set_postfix({name: f"{v:.4g}" for name, v in list(values.items())[:3]})
-            if run.interrupted():
-                save(stage, step + 1)
-                print(f"interrupted: checkpoint saved to {run.latest}")
-                sys.exit(130)
-            if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-                save(stage, step + 1)
-            if curve is not None and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
-                curve(step + 1)
-        bar.close()
-        return (total_steps - start) / max(time.perf_counter() - began, 1e-9)
-
-    # ---------------- evaluation ----------------
-    def evaluate_planner(stage: str, use_cascade: bool, step: int = 0) -> dict:
-        coherency_scores: list[float] = []
-        latencies: list[float] = []
-
-        def policy(obs: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
-            with Timer() as timer:
-                actions, chosen = planner.act(to_model(obs), use_cascade)
-            latencies.append(timer.seconds * 1000 / len(obs))
-            if data.family == "nav1d":
-                coherency_scores.extend(plan_coherency_nav1d(chosen, obs))
-            return action_from_model(actions)
-
-        planner.denoiser.eval()
-        result = evaluate(policy, data.make_env, args.eval_episodes, args.seed, args.eval_max_steps or None)
-        stats = stage_stats(result.returns, normalized_score(data, result.returns))
-        if coherency_scores:
-            stats["coherency"] = float(np.mean(coherency_scores))
-        throughput["planning_latency_ms_per_env"] = float(np.median(latencies))
-        for name, value_ in stats.items():
-            writer.add_scalar(f"eval/{stage}/{name}", value_, step)
-        print(f"[{stage}] return {stats['return_mean']:.3f} +- {stats['return_std']:.3f}, "
-              f"normalized {stats['normalized_mean']:.1f}" + (f", coherency {stats['coherency']:.3f}" if coherency_scores else ""))
-        return stats
-
-    def plan_coherency_nav1d(chosen: torch.Tensor, obs: np.ndarray) -> list[float]:
-        """Dynamics consistency of the chosen plans' (s, a, s') inside the episode (later steps are padding)."""
-        states, actions = planner.states_actions(chosen)
-        positions = state_norm.unnormalize(states.cpu().numpy())[..., 0]
-        moves = action_unscale(actions.cpu().numpy())[..., 0]
-        scores = []
-        for row, start_time in enumerate(np.rint(obs[:, 1] * nav1d.HORIZON).astype(int)):
-            valid = min(nav1d.HORIZON - 1 - start_time, positions.shape[1] - 1)
-            if valid > 0:
-                scores.append(nav1d.plan_coherency(positions[row, :valid], moves[row, :valid], positions[row, 1:valid + 1]))
-        return scores
-
-    def finish(stage: str, stats: dict | None = None, result_name: str | None = None) -> None:
-        """Mark a stage done (with its evaluation under `result_name`, default the stage name) and checkpoint."""
-        if stats is not None:
-            results[result_name or stage] = stats
-        completed.append(stage)
-        save("between stages", 0)
-
-    # ================= stage 1: foundation planner (masked in-painting) =================
-    if "foundation" not in completed:
-        optimizer = make_optimizer("foundation", foundation.parameters(), args.foundation_lr, capturable=graphs)
-        train_model = torch.compile(foundation) if args.compile else foundation
-
-        @functools.partial(cuda_graphed, enabled=graphs)
-        def foundation_update(windows: torch.Tensor) -> dict:
-            known = random_prefix_masks(len(windows), args.horizon, state_dim, x_dim, device)
-            loss = diffusion.loss(train_model, windows, None, mask=~known, known=known).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return {"diffusion": loss.detach()}
-
-        def foundation_step(step: int) -> dict:
-            return foundation_update(window_batch(args.batch_size))
-
+    # ==================================================================================================================
+    # Stage 1: foundation planner (masked in-painting), and dd's inverse dynamics
+    # ==================================================================================================================
+    if "foundation" in loaded and "foundation" not in trainer.done:
+        trainer.load_stage("foundation", loaded["foundation"], args.load_foundation, ("foundation", "inverse_dynamics"))
+        trainer.done["inverse_dynamics"] = {"loaded_from": args.load_foundation}
+    if "foundation" not in trainer.done:
         foundation.train()
-        throughput["foundation_steps_per_s"] = train("foundation", args.foundation_steps, foundation_step)
-        finish("foundation")
-
-    # ================= stage 2: inverse dynamics (dd only) =================
-    if args.planner == "dd" and "inverse_dynamics" not in completed:
-        optimizer = make_optimizer("inverse_dynamics", inverse_dynamics.parameters(), args.foundation_lr)
-        next_states = state_norm.normalize(data.next_observations).astype(np.float32)
-
-        def inverse_dynamics_step(step: int) -> dict:
-            index = torch.as_tensor(rng.integers(0, len(states_np), args.batch_size))
-            states, targets = torch.as_tensor(states_np[index], device=device), torch.as_tensor(actions_np[index], device=device)
-            loss = F.mse_loss(inverse_dynamics(states, torch.as_tensor(next_states[index], device=device)), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return {"mse": loss.detach()}
-
-        throughput["inverse_dynamics_steps_per_s"] = train("inverse_dynamics", args.inverse_dynamics_steps, inverse_dynamics_step)
-        finish("inverse_dynamics")
+        model = planner.compiled(foundation)
+        trainer.run_stage("foundation", args.foundation_steps, cuda_graphed(
+            lambda: foundation_step(space, model, optimizers["foundation"], args), graphs),
+            optimizer=optimizers["foundation"])
+        trainer.finish("foundation")
+    if args.planner == "dd" and "inverse_dynamics" not in trainer.done:
+        trainer.run_stage("inverse_dynamics", args.inverse_dynamics_steps, lambda: inverse_dynamics_step(
+            inverse_dynamics, transitions, optimizers["inverse_dynamics"], args), optimizer=optimizers["inverse_dynamics"])
+        trainer.finish("inverse_dynamics")
     inverse_dynamics.requires_grad_(False)
 
-    # ================= stage 3: IQL critic =================
-    def train_critic(stage: str, steps: int) -> float:
-        optimizer = make_optimizer(stage, [*q.parameters(), *value.parameters()], args.critic_lr, capturable=graphs)
+    # ==================================================================================================================
+    # Stage 2: IQL critic
+    # ==================================================================================================================
+    if "critic" in loaded and "critic" not in trainer.done:
+        trainer.load_stage("critic", loaded["critic"], args.load_critic, ("critic", "critic_target", "value"))
+    if "critic" not in trainer.done:
+        critic_stage("critic", args.critic_steps)
+    if "foundation" not in trainer.results:
+        foundation.eval()
+        trainer.record("foundation", evaluate_planner(planner, data, normalizer, None, args))
+        trainer.throughput["action_latency_ms"] = action_latency_ms(lambda: planner.act(space.states[:1])[0].cpu())
+        trainer.at("foundation evaluation", 0, save=True)
 
-        @functools.partial(cuda_graphed, enabled=graphs)
-        def critic_update(*batch: torch.Tensor) -> dict:
-            value_loss, q_loss = iql_losses(q, q_target, value, batch, args.expectile, args.discount)
-            optimizer.zero_grad(set_to_none=True)
-            (value_loss + q_loss).backward()
-            optimizer.step()
-            polyak_update(q_target, q, args.polyak)
-            return {"value": value_loss.detach(), "q": q_loss.detach()}
-
-        def critic_step(step: int) -> dict:
-            return critic_update(*transition_batch(args.critic_batch_size))
-
-        return train(stage, steps, critic_step)
-
-    if "critic" not in completed:
-        throughput["critic_steps_per_s"] = train_critic("critic", args.critic_steps)
-        finish("critic")
-
-    if "eval/foundation" not in completed:
-        finish("eval/foundation", evaluate_planner("foundation", use_cascade=False), "foundation")
-
-    # ================= stage 4: alignment passes =================
-    if planner_net is None:
-        build_aligned_planner()
-    trainable = [p for p in planner_net.parameters() if p.requires_grad]
-    print(f"alignment trains {sum(p.numel() for p in trainable):,} parameters "
+    # ==================================================================================================================
+    # Stage 3: alignment passes (LoRA adapters on every Linear and Conv1d; the cascade is a model of its own)
+    # ==================================================================================================================
+    with seeded(args.seed + 1, device):  # the same adapters and cascade whether or not the run was resumed
+        policy, reference = policy_with_reference(foundation, args.lora_rank, args.lora_alpha)
+        cascade_model = CascadeDenoiser(args, foundation, x_dim).to(device) if "cascade" in methods else None
+    trainer.adopt_module("policy", policy)
+    if cascade_model is not None:
+        trainer.adopt_module("cascade", cascade_model)
+    planner.denoiser = policy
+    print(f"alignment trains {count_parameters(policy, trainable_only=True):,} parameters "
           f"({'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'})")
-    dataset_states = torch.as_tensor(states_np, device=device)
 
-    def conditioning_states() -> torch.Tensor:
-        return dataset_states[torch.as_tensor(rng.integers(0, len(dataset_states), args.align_states), device=device)]
+    def retrain_critic(stage: str) -> None:
+        """The critic on the offline data plus the online episodes (trainer.state["online"])."""
+        nonlocal transitions
+        transitions = model_transitions(data, normalizer, trainer.state["online"], device)
+        critic_stage(stage, args.online_critic_steps)
 
-    def scored_rewards(plans: torch.Tensor) -> torch.Tensor:
-        rewards = planner.rewards(plans)
-        if args.entropy_coef > 0:
-            rewards = rewards + args.entropy_coef * entropy_bonus(plans, args.align_samples)
-        return rewards
-
-    def rl_step(stage, optimizer):
-        def step_fn(step: int) -> dict:
-            states = conditioning_states()
-            with torch.no_grad():
-                out = planner.sample(states, args.align_samples, return_chain=True)
-                advantages = advantages_per_state(scored_rewards(out.x0), args.align_samples)
-                weights = credit_weights(args.rl_credit, out.chain, out.stochastic, args.credit_decay)
-            known, _ = inpaint_current_state(states, args.horizon, x_dim, args.align_samples)
-            free_mask = (~known).float()
-            stochastic_steps = [int(s) for s in torch.nonzero(out.stochastic).flatten()]
-            epochs = args.ppo_epochs if args.rl_algo == "ppo" else 1
-            per_step = 1.0 / (len(stochastic_steps) * epochs)  # the logged loss and KL are means over steps and epochs
-            stats = {"loss": torch.zeros((), device=device), "ratio_first": None, "kl": torch.zeros((), device=device)}
-            for _ in range(epochs):
-                optimizer.zero_grad(set_to_none=True)
-                for denoise_step in stochastic_steps:
-                    log_prob, mean, std = step_log_prob(diffusion, planner_net, out.chain, denoise_step, free_mask)
-                    loss, ratio = policy_gradient_loss(log_prob, out.log_probs[denoise_step], advantages,
-                                                       weights[denoise_step], args.rl_algo, args.ppo_clip)
-                    if args.kl_coef > 0:
-                        with torch.no_grad(), reference() as reference_model:
-                            reference_mean, _ = diffusion.step_distribution(reference_model, out.chain[denoise_step],
-                                                                            denoise_step, None)
-                        kl = kl_to_reference(mean, reference_mean, std, free_mask)
-                        loss = loss + args.kl_coef * kl
-                        stats["kl"] += kl.detach() * per_step
-                    (loss / len(stochastic_steps)).backward()
-                    stats["loss"] += loss.detach() * per_step
-                    if stats["ratio_first"] is None:
-                        stats["ratio_first"] = ratio.detach().mean()
-                nn.utils.clip_grad_norm_(trainable, 1.0)
-                optimizer.step()
-            stats["plan_reward"] = planner.rewards(out.x0).mean()
-            return stats
-        return step_fn
-
-    def qvpg_step(stage, optimizer):
-        with torch.no_grad():  # typical |Q| makes the learning rate independent of the reward scale
-            q_scale = max(planner.rewards(planner.sample(conditioning_states(), 4).x0).abs().mean().item(), 1e-3)
-
-        def step_fn(step: int) -> dict:
-            states = conditioning_states()
-            last_k = int(rng.integers(1, args.qvpg_last_k + 1)) if args.qvpg_random_k else args.qvpg_last_k
-            out = planner.sample(states, args.align_samples, return_chain=args.kl_coef > 0, grad_last_k=last_k)
-            rewards = scored_rewards(out.x0)
-            loss = -rewards.mean() / q_scale
-            if args.kl_coef > 0:
-                known, _ = inpaint_current_state(states, args.horizon, x_dim, args.align_samples)
-                for denoise_step in range(args.denoising_steps - last_k, args.denoising_steps):
-                    latent = out.chain[denoise_step].detach()
-                    mean, std = diffusion.step_distribution(planner_net, latent, denoise_step, None)
-                    with torch.no_grad(), reference() as reference_model:
-                        reference_mean, _ = diffusion.step_distribution(reference_model, latent, denoise_step, None)
-                    loss = loss + args.kl_coef * kl_to_reference(mean, reference_mean, std, (~known).float()) / last_k
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            with torch.no_grad():
-                plan_reward = planner.rewards(out.x0).mean()  # without the entropy bonus, as the other methods log it
-            return {"loss": loss.detach(), "plan_reward": plan_reward}
-        return step_fn
-
-    def dpo_step(stage, optimizer):
-        def step_fn(step: int) -> dict:
-            states = conditioning_states()
-            with torch.no_grad():
-                plans = planner.sample(states, args.align_samples).x0
-                order = scored_rewards(plans).view(-1, args.align_samples).argsort(1, descending=True)
-            grouped = plans.view(-1, args.align_samples, args.horizon, x_dim)
-            half = args.align_samples // 2  # best half paired with worst half: rank i against rank n-1-i
-            rows = torch.arange(len(states), device=device).unsqueeze(1)
-            winners = grouped[rows, order[:, :half]].flatten(0, 1)
-            losers = grouped[rows, order[:, args.align_samples - half:].flip(1)].flatten(0, 1)
-            known, _ = inpaint_current_state(states, args.horizon, x_dim, half)
-            loss, accuracy = dpo_loss(diffusion, planner_net, reference, winners, losers, known, args.dpo_beta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            return {"loss": loss.detach(), "implicit_accuracy": accuracy}
-        return step_fn
-
-    def elbo_draws():
-        generator = torch.Generator(device="cpu").manual_seed(args.seed + 12345)
-        times = torch.linspace(0.05, 0.95, args.sft_elbo_draws).tolist()
-        if diffusion.sampler in ("ddpm", "ddim"):  # the discrete schedule only knows levels k / T
-            times = [max(round(t * args.denoising_steps), 1) / args.denoising_steps for t in times]
-        return [(t, torch.randn(1, args.horizon, x_dim, generator=generator).to(device)) for t in times]
-
-    def sft_step(stage, optimizer):
-        draws = elbo_draws()
-        with torch.no_grad(), reference() as reference_model:
-            windows = window_batch(1024)
-            window_known, _ = inpaint_current_state(windows[:, 0, :state_dim], args.horizon, x_dim, 1)
-            threshold = torch.quantile(elbo_proxy(diffusion, reference_model, windows, window_known, draws),
-                                       args.sft_quantile).item()
-        keep = max(1, int(round(args.sft_top_fraction * args.align_samples)))
-
-        def step_fn(step: int) -> dict:
-            states = conditioning_states()
-            with torch.no_grad():
-                source = nullcontext(planner_net) if args.sft_source == "current" else reference()
-                with source as proposer:
-                    plans = planner.sample(states, args.align_samples, model=proposer).x0
-                top = scored_rewards(plans).view(-1, args.align_samples).argsort(1, descending=True)[:, :keep]
-                rows = torch.arange(len(states), device=device).unsqueeze(1)
-                candidates = plans.view(-1, args.align_samples, args.horizon, x_dim)[rows, top].flatten(0, 1)
-                known, _ = inpaint_current_state(states, args.horizon, x_dim, keep)
-                with reference() as reference_model:
-                    accepted = elbo_proxy(diffusion, reference_model, candidates, known, draws) <= threshold
-            if not accepted.any():
-                return {"loss": 0.0, "accepted_fraction": 0.0}
-            targets = candidates[accepted]
-            train_known = random_prefix_masks(len(targets), args.horizon, state_dim, x_dim, device)
-            loss = diffusion.loss(planner_net, targets, None, mask=~train_known, known=train_known).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            return {"loss": loss.detach(), "accepted_fraction": accepted.float().mean()}
-        return step_fn
-
-    def cascade_step(stage, optimizer):
-        branches, branch_step = args.cascade_branches, args.cascade_branch_step
-
-        def step_fn(step: int) -> dict:
-            states = conditioning_states()
-            with torch.no_grad():
-                trunk = planner.sample(states, 1, return_chain=True)
-                shared_latent = trunk.chain[branch_step].repeat_interleave(branches, 0)
-                plans = planner.sample(states, branches, x_start=shared_latent, start_step=branch_step).x0
-                order = scored_rewards(plans).view(-1, branches).argsort(1)
-                grouped = plans.view(-1, branches, args.horizon, x_dim)
-                rows = torch.arange(len(states), device=device)
-                conditions, targets = grouped[rows, order[:, 0]], grouped[rows, order[:, -1]]
-            known = random_prefix_masks(len(targets), args.horizon, state_dim, x_dim, device)
-            loss = diffusion.loss(planner.cascade, targets, conditions, mask=~known, known=known).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(cascade_unet.parameters(), 1.0)
-            optimizer.step()
-            return {"loss": loss.detach()}
-        return step_fn
-
-    method_builders = dict(rl=(rl_step, "rl_steps"), qvpg=(qvpg_step, "qvpg_steps"), dpo=(dpo_step, "dpo_steps"),
-                           sft=(sft_step, "sft_steps"), cascade=(cascade_step, "cascade_steps"))
-    last_stage = "foundation"
-    for p in range(1, args.passes + 1):
-        for method in methods:
-            stage = f"pass{p}/{method}"
-            last_stage = stage
-            if stage in completed:
-                continue
-            if method == "cascade":
-                if cascade_unet is None:
-                    build_cascade()  # warm start from the foundation; later passes keep training it
-                parameters = cascade_unet.parameters()
-            else:
-                parameters = trainable
-            learning_rate = dict(dpo=args.dpo_lr, sft=args.sft_lr, cascade=args.cascade_lr).get(method, args.align_lr)
-            optimizer = make_optimizer(stage, parameters, learning_rate)
-            builder, steps_field = method_builders[method]
-            planner_net.train()
-            curve = lambda step, stage=stage: evaluate_planner(stage, cascade_unet is not None, step)
-            steps_per_s = train(stage, getattr(args, steps_field), builder(stage, optimizer), log_every=5, curve=curve)
-            throughput[f"{method}_steps_per_s"] = steps_per_s
-            finish(stage, evaluate_planner(stage, use_cascade=cascade_unet is not None))
-        online_stage = f"pass{p}/online"
-        if args.online_episodes > 0 and p < args.passes and online_stage not in completed:
-            if resume_stage != online_stage:
-                new = collect_transitions(planner, data.make_env, args.online_episodes, args.seed * 1000 + p,
-                                          to_model, action_from_model, args.eval_max_steps or None)
-                new = dict(observations=state_norm.normalize(new["observations"]).astype(np.float32),
-                           actions=action_scale(new["actions"]).astype(np.float32),
-                           rewards=(reward_scale * new["rewards"] + reward_shift).astype(np.float32),
-                           next_observations=state_norm.normalize(new["next_observations"]).astype(np.float32),
-                           terminals=new["terminals"].astype(np.float32))
-                online_data = {k: np.concatenate([online_data[k], v]) if online_data else v for k, v in new.items()}
-                for key in transitions:
-                    transitions[key] = np.concatenate([transitions[key], new[key]])
-            train_critic(online_stage, args.online_critic_steps)
-            finish(online_stage)
-
-    # ================= final evaluation =================
-    if "aligned" not in completed:
-        # the last pass stage already evaluated exactly this model with the same episode seeds
-        finish("aligned", dict(results[last_stage]))
-    summary = dict(script="diffuser_align", env=args.env, seed=args.seed, stages=results,
-                   throughput=throughput, wall_time_s=time.time() - wall_start, device=str(device),
-                   args={k: v for k, v in vars(args).items()})
-    if data.family == "nav1d":
-        summary["coherency"] = {stage: stats["coherency"] for stage, stats in results.items() if "coherency" in stats}
-    run.write_summary(summary)
-    print_results_table(results)
+    run_alignment(trainer, args, methods, {"rl": rl, "qvpg": qvpg, "dpo": dpo, "sft": sft, "cascade": cascade}, space,
+                  policy, reference, cascade_model, lambda cascade: evaluate_planner(planner, data, normalizer, cascade, args),
+                  lambda cascade: PlanningPolicy(planner, data, normalizer, cascade), data.make_env, retrain_critic)
+    trainer.write_summary(SCRIPT, args, data.family)
     run.close()
 
 

@@ -32,13 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nav1d
-from common.data import (Normalizer, collect_episodes, evaluate, iql_reward_affine, iql_rewards, load_offline_data,
-                         normalized_score)
+from common.data import (Normalizer, evaluate, load_offline_data, model_transitions, normalized_score,
+                         unscale_actions, windows)
 from common.diffusion import Diffusion, SampleOutput, gaussian_log_prob
 from common.nets import (DiT1d, MLPDenoiser, TwinQ, ValueNet, count_parameters, load_foundation_into_cascade,
                          policy_with_reference)
 from common.runtime import UserError, apply_presets, cli, cuda_graphed, seeded, stage_stats, start_run, use_cuda_graphs
-from common.training import (CompiledModules, Trainer, action_latency_ms, check_loadable, require_same_data)
+from common.training import (CompiledModules, Trainer, action_latency_ms, check_loadable, require_same_data,
+                             run_alignment)
 
 SCRIPT = "dp_align"
 METHODS = ("rl", "qvpg", "dpo", "sft", "cascade")
@@ -310,8 +311,8 @@ class CascadeDenoiser(nn.Module):
 
 @dataclass
 class Transitions:
-    """Dataset transitions in model coordinates (normalised observations, actions scaled to [-1, 1], IQL rewards)
-    plus each transition's episode bounds, used to cut observation histories and action chunks with edge padding."""
+    """The data in model coordinates (common.data.model_transitions): observation histories and action chunks are
+    cut at episode bounds, repeating the episode's first observation before its start and last action past its end."""
 
     observations: torch.Tensor
     actions: torch.Tensor
@@ -325,50 +326,14 @@ class Transitions:
         return self.observations.shape[0]
 
     def observation_history(self, index: torch.Tensor, length: int) -> torch.Tensor:
-        """(B, To * S): observations index-To+1 .. index, repeating the episode's first one before its start."""
+        """(B, To * S): observations index-To+1 .. index."""
         offsets = torch.arange(length - 1, -1, -1, device=index.device)
         rows = torch.maximum(index[:, None] - offsets, self.episode_first[index][:, None])
         return self.observations[rows].flatten(1)
 
     def action_chunk(self, index: torch.Tensor, length: int) -> torch.Tensor:
-        """(B, Tp, A): actions index .. index+Tp-1, repeating the episode's last one past its end."""
-        offsets = torch.arange(length, device=index.device)
-        return self.actions[torch.minimum(index[:, None] + offsets, self.episode_last[index][:, None])]
-
-
-def build_transitions(data, normalizer: Normalizer, online: dict | None, reward_affine: tuple, device) -> Transitions:
-    """The offline data plus any online episodes; online rewards go through the offline data's IQL convention."""
-    arrays = {key: getattr(data, key) for key in ("observations", "actions", "next_observations", "terminals",
-                                                  "episode_ends")}
-    rewards = iql_rewards(data)
-    if online:
-        arrays = {key: np.concatenate([value, online[key]]) for key, value in arrays.items()}
-        rewards = np.concatenate([rewards, reward_affine[0] * online["rewards"] + reward_affine[1]])
-    ends = arrays["episode_ends"].astype(bool).copy()
-    ends[-1] = True
-    last_index = np.flatnonzero(ends)
-    first_index = np.concatenate([[0], last_index[:-1] + 1])
-    lengths = last_index - first_index + 1
-
-    def tensor(array):
-        return torch.as_tensor(np.asarray(array, dtype=np.float32), device=device)
-
-    return Transitions(
-        observations=tensor(normalizer.normalize(arrays["observations"])),
-        actions=tensor(scale_actions(data, arrays["actions"])), rewards=tensor(rewards),
-        next_observations=tensor(normalizer.normalize(arrays["next_observations"])),
-        terminals=tensor(arrays["terminals"]),
-        episode_first=torch.as_tensor(np.repeat(first_index, lengths), device=device),
-        episode_last=torch.as_tensor(np.repeat(last_index, lengths), device=device))
-
-
-def scale_actions(data, actions: np.ndarray) -> np.ndarray:
-    """Environment actions -> [-1, 1] (the box the diffusion model works in)."""
-    return 2 * (actions - data.action_low) / (data.action_high - data.action_low) - 1
-
-
-def unscale_actions(data, actions: np.ndarray) -> np.ndarray:
-    return data.action_low + (np.asarray(actions) + 1) * (data.action_high - data.action_low) / 2
+        """(B, Tp, A): actions index .. index+Tp-1."""
+        return windows(self.actions, index, length, self.episode_last)
 
 
 class ChunkSpace:
@@ -666,10 +631,9 @@ def cascade(space, policy, reference, optimizer, args) -> dict:
     return {"loss": loss.detach(), "pair_gain": (rewards.max(1).values - rewards.mean(1)).mean()}
 
 
-def iql_update(critic, critic_target, value, batch, optimizers, args, losses=None) -> dict:
-    """One IQL step (DESIGN 3.2; the same text in all three scripts): expectile regression of V on min target-Q and
-    TD regression of both Q heads on r + gamma (1 - terminal) V(s'), one backward (their parameters are disjoint),
-    then the Polyak target. `losses` is iql_losses or its torch.compile'd version."""
+def iql_losses(critic, critic_target, value, batch, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQL (DESIGN 3.2; the same text in all three scripts): expectile regression of V on min target-Q, and TD
+    regression of both Q heads on r + gamma (1 - terminal) V(s')."""
     states, actions, rewards, next_states, terminals = batch
     with torch.no_grad():
         q_target = torch.min(*critic_target(states, actions))
@@ -678,7 +642,13 @@ def iql_update(critic, critic_target, value, batch, optimizers, args, losses=Non
     value_loss = (torch.abs(args.expectile - (difference < 0).float()) * difference.pow(2)).mean()
     td_target = rewards + args.gamma * (1.0 - terminals) * next_value
     q1, q2 = critic(states, actions)
-    q_loss = (q1 - td_target).pow(2).mean() + (q2 - td_target).pow(2).mean()
+    return value_loss, (q1 - td_target).pow(2).mean() + (q2 - td_target).pow(2).mean()
+
+
+def iql_update(critic, critic_target, value, batch, optimizers, args, losses=iql_losses) -> dict:
+    """One IQL step (the same text in all three scripts): both losses with one backward (Q's and V's parameters are
+    disjoint; V(s') is taken before V moves), then the Polyak target. `losses` may be iql_losses torch.compile'd."""
+    value_loss, q_loss = losses(critic, critic_target, value, batch, args)
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     (value_loss + q_loss).backward()
@@ -813,8 +783,7 @@ def main(args: Args) -> None:
     trainer.state.update(normalizer=normalizer.state_dict(), online=None)
     if args.resume:
         trainer.resume(run.load_checkpoint())
-    reward_affine = iql_reward_affine(data)
-    transitions = build_transitions(data, normalizer, trainer.state["online"], reward_affine, device)
+    transitions = Transitions(**model_transitions(data, normalizer, trainer.state["online"], device))
     space = ChunkSpace(args, diffusion, transitions, critic_target, action_dim)
     compiled = CompiledModules(args.compile)
     print(f"data: {data.source}, {len(transitions)} transitions; denoiser {count_parameters(foundation_net):,} "
@@ -867,57 +836,20 @@ def main(args: Args) -> None:
     if cascade_model is not None:
         trainer.adopt_module("cascade", cascade_model)
     print(f"alignment trains {count_parameters(policy, trainable_only=True):,} parameters")
-    for alignment_pass in range(1, args.passes + 1):
-        stage = f"pass{alignment_pass}/online"
-        if alignment_pass > 1 and args.online_episodes > 0 and stage not in trainer.done:
-            if trainer.start_step(stage) == 0:  # collected once; a resumed critic stage finds them in the checkpoint
-                new = collect_episodes(evaluation_policy(policy, cascade_model if cascade_trained(trainer) else None),
-                                       data.make_env, args.online_episodes, args.seed + 1000 * alignment_pass,
-                                       args.eval_max_steps or None)
-                old = trainer.state["online"]
-                trainer.state["online"] = new if old is None else {k: np.concatenate([old[k], new[k]]) for k in new}
-            transitions = space.transitions = build_transitions(data, normalizer, trainer.state["online"],
-                                                                reward_affine, device)
-            print(f"[{stage}] {len(trainer.state['online']['rewards'])} online transitions in total")
-            critic_stage(stage, args.online_critic_steps)
-        for method in methods:
-            stage = f"pass{alignment_pass}/{method}"
-            if stage in trainer.done:
-                continue
-            trained = cascade_model if method == "cascade" else policy
-            optimizer = trainer.adopt_optimizer("align", torch.optim.Adam(
-                [p for p in trained.parameters() if p.requires_grad], lr=getattr(args, f"{method}_lr")), stage)
-            method_reference = reference
-            if method == "dpo":  # the DPO reference: the model as this stage found it
-                method_reference = copy.deepcopy(policy).requires_grad_(False)
-                if trainer.start_step(stage) > 0:
-                    trainer.adopt_module("dpo_reference", method_reference)
-                trainer.models["dpo_reference"] = method_reference
-            elif method == "cascade":  # the cascade refines the current policy's samples
-                method_reference = policy
-            update = {"rl": rl, "qvpg": qvpg, "dpo": dpo, "sft": sft, "cascade": cascade}[method]
-            step = lambda: update(space, trained, method_reference, optimizer, args)  # noqa: E731
-            refine = cascade_model if method == "cascade" or cascade_trained(trainer) else None
-            for done in trainer.train(stage, getattr(args, f"{method}_steps"), step, tag=method, optimizer=optimizer):
-                if args.eval_every and done % args.eval_every == 0:
-                    trainer.log_eval(evaluate_policy(evaluation_policy(policy, refine), data, args), label=method)
-            trainer.models.pop("dpo_reference", None)
-            trainer.record(stage, evaluate_policy(evaluation_policy(policy, refine), data, args))
-            trainer.finish(stage)
 
-    # ==================================================================================================================
-    # Stage 4: the final model (the last method's evaluation is the aligned model, with the cascade when trained)
-    # ==================================================================================================================
-    trainer.results.pop("aligned", None)  # a resumed run with more passes: the final entry goes last again
-    trainer.results["aligned"] = dict(trainer.results[f"pass{args.passes}/{methods[-1]}"] if methods
-                                      else trainer.results["foundation"])
+    def retrain_critic(stage: str) -> None:
+        """The critic on the offline data plus the online episodes (trainer.state["online"])."""
+        nonlocal transitions
+        transitions = space.transitions = Transitions(**model_transitions(data, normalizer, trainer.state["online"],
+                                                                          device))
+        critic_stage(stage, args.online_critic_steps)
+
+    run_alignment(trainer, args, methods, {"rl": rl, "qvpg": qvpg, "dpo": dpo, "sft": sft, "cascade": cascade}, space,
+                  policy, reference, cascade_model,
+                  lambda cascade_model: evaluate_policy(evaluation_policy(policy, cascade_model), data, args),
+                  lambda cascade_model: evaluation_policy(policy, cascade_model), data.make_env, retrain_critic)
     trainer.write_summary(SCRIPT, args, data.family)
     run.close()
-
-
-def cascade_trained(trainer: Trainer) -> bool:
-    """Has a cascade stage run? Before that the cascade would only repeat the foundation's samples."""
-    return any(stage.endswith("/cascade") for stage in trainer.done)
 
 
 if __name__ == "__main__":

@@ -225,18 +225,32 @@ def behavior_loss(model: EnergyModel, actions, states, sde: VPSDE) -> torch.Tens
     return (eps - noise).pow(2).sum(-1).mean()
 
 
-def iql_losses(critic, critic_target, value, batch, args: Args):
-    """IQL: expectile regression of V on min target Q, and TD regression of both Q heads on r + gamma V(s')."""
+def iql_losses(critic, critic_target, value, batch, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQL (DESIGN 3.2; the same text in all three scripts): expectile regression of V on min target-Q, and TD
+    regression of both Q heads on r + gamma (1 - terminal) V(s')."""
     states, actions, rewards, next_states, terminals = batch
     with torch.no_grad():
         q_target = torch.min(*critic_target(states, actions))
         next_value = value(next_states)
-    diff = q_target - value(states)
-    value_loss = (torch.abs(args.expectile - (diff < 0).float()) * diff.pow(2)).mean()
+    difference = q_target - value(states)
+    value_loss = (torch.abs(args.expectile - (difference < 0).float()) * difference.pow(2)).mean()
     td_target = rewards + args.gamma * (1.0 - terminals) * next_value
     q1, q2 = critic(states, actions)
-    q_loss = (q1 - td_target).pow(2).mean() + (q2 - td_target).pow(2).mean()
-    return value_loss, q_loss
+    return value_loss, (q1 - td_target).pow(2).mean() + (q2 - td_target).pow(2).mean()
+
+
+def iql_update(critic, critic_target, value, batch, optimizers, args, losses=iql_losses) -> dict:
+    """One IQL step (the same text in all three scripts): both losses with one backward (Q's and V's parameters are
+    disjoint; V(s') is taken before V moves), then the Polyak target. `losses` may be iql_losses torch.compile'd."""
+    value_loss, q_loss = losses(critic, critic_target, value, batch, args)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    (value_loss + q_loss).backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(critic_target.parameters()), list(critic.parameters()), args.polyak)
+    return {"value": value_loss.detach(), "q": q_loss.detach()}
 
 
 def alignment_loss(policy: EnergyModel, behavior: EnergyModel, states, candidates, q_labels, args: Args,
@@ -403,20 +417,11 @@ def main(args: Args) -> None:
     if "critic" in loaded and "critic" not in trainer.done:
         trainer.load_stage("critic", loaded["critic"], args.load_critic, ("critic", "critic_target", "value"))
     if "critic" not in trainer.done:
-        target_params, online_params = list(critic_target.parameters()), list(critic.parameters())
-
         def critic_step():
             index = torch.randint(num_transitions, (args.critic_batch_size,), device=device)
             batch = (observations[index], actions[index], rewards[index], next_observations[index], terminals[index])
-            value_loss, q_loss = iql_losses_fn(critic, critic_target, value, batch, args)
-            optimizers["v"].zero_grad(set_to_none=True)
-            optimizers["q"].zero_grad(set_to_none=True)
-            (value_loss + q_loss).backward()  # disjoint parameters (the other network's terms are under no_grad)
-            optimizers["v"].step()
-            optimizers["q"].step()
-            with torch.no_grad():
-                torch._foreach_lerp_(target_params, online_params, args.polyak)
-            return {"value": value_loss.detach(), "q": q_loss.detach()}
+            return iql_update(critic, critic_target, value, batch, (optimizers["v"], optimizers["q"]), args,
+                              iql_losses_fn)
 
         trainer.run_stage("critic", args.critic_steps, cuda_graphed(critic_step, graphs), optimizer=optimizers["q"])
         trainer.finish("critic", {"steps": args.critic_steps})

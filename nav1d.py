@@ -264,6 +264,17 @@ def plan_coherency(s, a, s_next) -> float:
     return float(np.mean(np.exp(-(gap**2) / (2.0 * KAPPA**2))))
 
 
+def plans_coherency(observations: np.ndarray, positions: np.ndarray, moves: np.ndarray) -> list[float]:
+    """plan_coherency of each plan made from observations[i] (position, t / T): positions (B, H) and moves (B, H) in
+    environment units, scored only over the steps left in the episode (later plan steps are padding)."""
+    scores = []
+    for row, start_time in enumerate(np.rint(observations[:, 1] * HORIZON).astype(int)):
+        valid = min(HORIZON - 1 - start_time, positions.shape[1] - 1)
+        if valid > 0:
+            scores.append(plan_coherency(positions[row, :valid], moves[row, :valid], positions[row, 1:valid + 1]))
+    return scores
+
+
 def policy_coherency(kind: str, states, actions) -> float:
     """Mean behaviour-policy density of generated actions relative to its maximum.
 

@@ -555,44 +555,49 @@ class Normalizer:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Fixed-length windows (Diffuser, Diffusion Policy)
+# The data in model coordinates, on the device (Diffuser, Diffusion Policy)
 # ------------------------------------------------------------------------------------------------------------------
-def sample_windows_index(data: OfflineData, horizon: int, pad: bool = True) -> np.ndarray:
-    """Start indices of windows of `horizon` transitions.
-
-    pad=True: every transition starts a window (windows running past their episode's end are padded by
-    gather_windows), so every transition is seen equally often. pad=False: only windows that fit in their episode.
-    """
-    if horizon < 1:
-        raise ValueError("horizon must be >= 1")
-    indices = np.arange(len(data))
-    if pad:
-        return indices
-    end_positions = np.flatnonzero(data.episode_ends)
-    last = end_positions[np.searchsorted(end_positions, indices)]
-    return indices[indices + horizon - 1 <= last]
+def scale_actions(data: OfflineData, actions) -> np.ndarray:
+    """Environment actions -> [-1, 1], the box the diffusion models work in."""
+    return 2 * (np.asarray(actions) - data.action_low) / (data.action_high - data.action_low) - 1
 
 
-def gather_windows(values: np.ndarray, starts: np.ndarray, horizon: int, episode_ends: np.ndarray,
-                   pad: str = "repeat") -> tuple[np.ndarray, np.ndarray]:
-    """Windows values[start : start + horizon] cut at the end of each start's episode, in one vectorised gather.
+def unscale_actions(data: OfflineData, actions) -> np.ndarray:
+    """[-1, 1] -> environment actions (not clipped: evaluate() clips, and records what the model produced)."""
+    return data.action_low + (np.asarray(actions) + 1) * (data.action_high - data.action_low) / 2
 
-    values: (N, ...) per-transition array (observations, actions, rewards, ...); starts: (B,) indices;
-    episode_ends: data.episode_ends. Steps past the episode end are padded with the last valid entry
-    (pad="repeat", use it for observations: the agent stays where it ended) or zeros (pad="zero", use it for
-    actions and rewards). Returns (windows (B, horizon, ...), valid (B, horizon) bool, False on padded steps).
-    """
-    if pad not in ("repeat", "zero"):
-        raise ValueError(f"pad must be 'repeat' or 'zero', not {pad!r}")
-    starts = np.asarray(starts, dtype=np.int64)
-    end_positions = np.flatnonzero(episode_ends)
-    last = end_positions[np.searchsorted(end_positions, starts)]
-    steps = starts[:, None] + np.arange(horizon)[None, :]
-    valid = steps <= last[:, None]
-    windows = values[np.minimum(steps, last[:, None])]
-    if pad == "zero":
-        windows = np.where(valid.reshape(valid.shape + (1,) * (windows.ndim - 2)), windows, 0).astype(values.dtype)
-    return windows, valid
+
+def model_transitions(data: OfflineData, normalizer: "Normalizer", online: dict | None = None,
+                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Transitions as the models see them, as device tensors: normalised observations, actions scaled to [-1, 1],
+    IQL rewards, terminals, and each transition's episode bounds (`episode_first`, `episode_last`, for windows cut
+    at episode ends). `online` episodes (collect_episodes) are appended, their rewards put through the offline
+    data's IQL convention (iql_reward_affine), so that collecting never rescales what the critic learned."""
+    arrays = {key: getattr(data, key) for key in ("observations", "actions", "next_observations", "terminals",
+                                                  "episode_ends")}
+    rewards = iql_rewards(data)
+    if online:
+        scale, shift = iql_reward_affine(data)
+        arrays = {key: np.concatenate([value, online[key]]) for key, value in arrays.items()}
+        rewards = np.concatenate([rewards, scale * online["rewards"] + shift])
+    ends = arrays.pop("episode_ends").astype(bool)
+    ends[-1] = True
+    last = np.flatnonzero(ends)
+    lengths = np.diff(np.concatenate([[-1], last]))
+    floats = dict(observations=normalizer.normalize(arrays["observations"]), actions=scale_actions(data, arrays["actions"]),
+                  rewards=rewards, next_observations=normalizer.normalize(arrays["next_observations"]),
+                  terminals=arrays["terminals"])
+    tensors = {key: torch.as_tensor(np.asarray(value, dtype=np.float32), device=device) for key, value in floats.items()}
+    tensors["episode_first"] = torch.as_tensor(np.repeat(last - lengths + 1, lengths), device=device)
+    tensors["episode_last"] = torch.as_tensor(np.repeat(last, lengths), device=device)
+    return tensors
+
+
+def windows(values: torch.Tensor, starts: torch.Tensor, horizon: int, episode_last: torch.Tensor) -> torch.Tensor:
+    """values[start : start + horizon] for every start (B, horizon, ...), cut at the start's episode end: later steps
+    repeat the episode's last entry (the agent stays where it ended). One gather on the device."""
+    steps = starts[:, None] + torch.arange(horizon, device=starts.device)
+    return values[torch.minimum(steps, episode_last[starts][:, None])]
 
 
 # ------------------------------------------------------------------------------------------------------------------

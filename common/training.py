@@ -15,9 +15,10 @@ TensorBoard tags (CleanRL's convention):
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 import time
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.data import collect_episodes
 from common.runtime import (Run, UserError, capture_rng, check_finite, load_module_state, print_results_table,
                             read_checkpoint_file, restore_rng)
 
@@ -197,6 +199,59 @@ class Trainer:
         print(f"summary: {self.run.run_dir / 'summary.json'}")
 
 
+def run_alignment(trainer: Trainer, args: Any, methods: list[str], updates: dict[str, Callable], space: Any,
+                  policy: torch.nn.Module, reference: torch.nn.Module, cascade_model: torch.nn.Module | None,
+                  evaluate_model: Callable[[torch.nn.Module | None], dict],
+                  online_policy: Callable[[torch.nn.Module | None], Callable], make_env: Callable,
+                  retrain_critic: Callable[[str], None]) -> None:
+    """The --align sequence, --passes times (DESIGN 4.7), as stages "pass{p}/{method}". Per stage: a fresh Adam over
+    what the method trains (the policy's adapters, or the cascade) at `{method}_lr`; DPO's reference, a frozen
+    snapshot of the policy as the stage finds it; `updates[method](space, trained, reference, optimizer, args)` for
+    `{method}_steps` steps; an evaluation `evaluate_model(cascade or None)` at the end (and every --eval-every steps),
+    with the cascade once a cascade stage has trained it. Before every pass after the first, with --online-episodes,
+    a stage "pass{p}/online": episodes of `online_policy(cascade or None)` (an evaluate() policy) join
+    trainer.state["online"] (once: a resumed stage finds them in the checkpoint), then `retrain_critic(stage)`."""
+    def cascade_now(method: str = ""):
+        trained = method == "cascade" or any(stage.endswith("/cascade") for stage in trainer.done)
+        return cascade_model if trained else None
+
+    for alignment_pass in range(1, args.passes + 1):
+        stage = f"pass{alignment_pass}/online"
+        if alignment_pass > 1 and args.online_episodes > 0 and stage not in trainer.done:
+            if trainer.start_step(stage) == 0:
+                new = collect_episodes(online_policy(cascade_now()), make_env, args.online_episodes,
+                                       args.seed + 1000 * alignment_pass, args.eval_max_steps or None)
+                old = trainer.state["online"]
+                trainer.state["online"] = new if old is None else {key: np.concatenate([old[key], new[key]])
+                                                                   for key in new}
+            print(f"[{stage}] {len(trainer.state['online']['rewards'])} online transitions in total")
+            retrain_critic(stage)
+        for method in methods:
+            stage = f"pass{alignment_pass}/{method}"
+            if stage in trainer.done:
+                continue
+            trained = cascade_model if method == "cascade" else policy
+            optimizer = trainer.adopt_optimizer("align", torch.optim.Adam(
+                [p for p in trained.parameters() if p.requires_grad], lr=getattr(args, f"{method}_lr")), stage)
+            method_reference = policy if method == "cascade" else reference  # the cascade refines the policy's samples
+            if method == "dpo":
+                method_reference = copy.deepcopy(policy).requires_grad_(False)
+                if trainer.start_step(stage) > 0:  # resumed inside the stage: the snapshot it started from
+                    trainer.adopt_module("dpo_reference", method_reference)
+                trainer.models["dpo_reference"] = method_reference
+            update = updates[method]
+            for done in trainer.train(stage, getattr(args, f"{method}_steps"),
+                                      lambda: update(space, trained, method_reference, optimizer, args), tag=method,
+                                      optimizer=optimizer):
+                if args.eval_every and done % args.eval_every == 0:
+                    trainer.log_eval(evaluate_model(cascade_now(method)), label=method)
+            trainer.models.pop("dpo_reference", None)
+            trainer.record(stage, evaluate_model(cascade_now(method)))
+            trainer.finish(stage)
+    trainer.results.pop("aligned", None)  # a resumed run with more passes: the final entry goes last again
+    trainer.results["aligned"] = dict(trainer.results[f"pass{args.passes}/{methods[-1]}"])
+
+
 def check_loadable(path: str, script: str, stage: str) -> dict:
     """The checkpoint of another run for --load-{stage}, read before any work: it must come from the same script and
     have finished `stage`."""
@@ -206,12 +261,17 @@ def check_loadable(path: str, script: str, stage: str) -> dict:
     return checkpoint
 
 
-def require_same_data(checkpoint: dict, normalizer, flag: str) -> None:
-    """--load-*: the other run must have been trained on the same data (the same observation statistics)."""
+def require_same_data(checkpoint: dict, normalizer, flag: str, args: Any = None, same: tuple[str, ...] = ()) -> None:
+    """--load-*: the other run must have been trained on the same data (the same observation statistics) and, for
+    the argument names in `same`, with the same values as `args`."""
     saved = checkpoint["state"].get("normalizer")
     if saved is None or not all(np.array_equal(np.asarray(saved[key]), np.asarray(getattr(normalizer, key)))
                                 for key in ("mean", "std")):
         raise UserError(f"{flag}: that run was trained on other data (its observation statistics differ)")
+    differing = [f"--{name.replace('_', '-')} {checkpoint['args'].get(name)}" for name in same
+                 if checkpoint["args"].get(name) != getattr(args, name)]
+    if differing:
+        raise UserError(f"{flag}: that run was made with other settings ({', '.join(differing)})")
 
 
 class CompiledModules:

@@ -23,12 +23,14 @@ from common.data import (
     eval_seed,
     evaluate,
     flatten_observation,
-    gather_windows,
+    iql_reward_affine,
     iql_rewards,
     load_offline_data,
+    model_transitions,
     normalized_score,
     observation_keys,
-    sample_windows_index,
+    unscale_actions,
+    windows,
 )
 
 TINY_HOPPER = "test/hopper/tiny-v0"
@@ -217,21 +219,22 @@ def test_missing_dataset_exits_with_code_2_and_one_line(tmp_path, repo_root):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-def test_windows_pad_at_episode_ends():
+def test_model_transitions_and_windows_pad_at_episode_ends():
     data = toy_data(episode_lengths=(3, 2))  # transitions 0 1 2 | 3 4
-    starts = sample_windows_index(data, horizon=3)
-    np.testing.assert_array_equal(starts, np.arange(5))
-    np.testing.assert_array_equal(sample_windows_index(data, horizon=3, pad=False), [0])
-    np.testing.assert_array_equal(sample_windows_index(data, horizon=2, pad=False), [0, 1, 3])
-    windows, valid = gather_windows(data.observations, starts, 3, data.episode_ends)
-    assert windows.shape == (5, 3, 2)
-    np.testing.assert_array_equal(windows[:, :, 0], [[0, 1, 2], [1, 2, 2], [2, 2, 2], [3, 4, 4], [4, 4, 4]])
-    np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0]])
-    actions, _ = gather_windows(data.actions, starts, 3, data.episode_ends, pad="zero")
-    np.testing.assert_array_equal(actions[:, :, 0], [[100, 101, 102], [101, 102, 0], [102, 0, 0],
-                                                     [103, 104, 0], [104, 0, 0]])
-    rewards, _ = gather_windows(data.rewards, np.array([4, 0]), 2, data.episode_ends, pad="zero")
-    np.testing.assert_array_equal(rewards, [[1, 0], [1, 1]])
+    normalizer = Normalizer(np.zeros(2, np.float32), np.ones(2, np.float32))
+    tensors = model_transitions(data, normalizer)
+    np.testing.assert_array_equal(tensors["episode_first"].numpy(), [0, 0, 0, 3, 3])
+    np.testing.assert_array_equal(tensors["episode_last"].numpy(), [2, 2, 2, 4, 4])
+    cut = windows(tensors["observations"], torch.arange(5), 3, tensors["episode_last"])
+    assert cut.shape == (5, 3, 2)
+    np.testing.assert_array_equal(cut[:, :, 0].numpy(), [[0, 1, 2], [1, 2, 2], [2, 2, 2], [3, 4, 4], [4, 4, 4]])
+    np.testing.assert_allclose(unscale_actions(data, tensors["actions"].numpy()), data.actions, rtol=1e-6)
+    online = {key: getattr(data, key)[:2] for key in ("observations", "actions", "next_observations", "terminals")}
+    online.update(rewards=data.rewards[:2] * 0 + 7.0, episode_ends=np.array([False, True]))
+    grown = model_transitions(data, normalizer, online)
+    scale, shift = iql_reward_affine(data)
+    np.testing.assert_allclose(grown["rewards"][5:].numpy(), scale * 7.0 + shift, rtol=1e-6)
+    np.testing.assert_array_equal(grown["episode_last"][5:].numpy(), [6, 6])
 
 
 def test_normalizer_torch_and_state_dict():

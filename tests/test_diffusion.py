@@ -3,7 +3,6 @@
 For data x0 ~ N(m, s^2) (independent dims) and x_t = a x0 + b z, (x0, z, x_t) are jointly Gaussian, so the optimal
 predictions E[x0 | x_t], E[z | x_t] and every linear combination of them (the velocities) are closed-form.
 """
-import math
 
 import pytest
 import torch
