@@ -10,7 +10,7 @@ an IQL critic (stage 2), we draw K candidate actions per dataset state from the 
 with Q (stage 3). Alignment (stage 4) starts the policy f_theta as a copy of f_phi and trains it as a K-way classifier:
 the logit of candidate k is beta * (f_theta - f_phi)(a_t^k|s,t) at a noise level t shared by the K candidates, the
 target is softmax(q_scale * Q). Its optimum is pi(a|s) proportional to mu(a|s) exp(q_scale * Q(s,a) / beta). Both
-models are evaluated (stage 5) with DPM-Solver++ and best-of-`eval_candidates` selection by Q.
+models are evaluated (stage 5) with DPM-Solver++ and best-of-`num_candidates` selection by Q.
 
     python eda_d4rl.py --env nav1d-full            # minutes on a CPU
     python eda_d4rl.py --env hopper-medium-v2      # paper scale, one GPU
@@ -125,7 +125,7 @@ class Args:
     labels: Literal["soft", "hard"] = "soft"
     """soft: softmax(q_scale * Q); hard: one-hot argmax Q (the preference-based ablation; K=2 is DPO-like)"""
     # evaluation (section 3.5)
-    eval_candidates: int = 4
+    num_candidates: int = 4
     """the action is the best of this many policy samples by Q (every model is also reported with 1)"""
     # stages from other runs
     load_behavior: str | None = None
@@ -175,7 +175,7 @@ def validate_args(args: Args) -> None:
         (0 <= args.gamma < 1, f"--gamma must be in [0, 1), got {args.gamma}"),
         (0 < args.polyak <= 1, f"--polyak must be in (0, 1], got {args.polyak}"),
         (0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
-        (args.eval_candidates >= 1, f"--eval-candidates must be >= 1, got {args.eval_candidates}"),
+        (args.num_candidates >= 1, f"--num-candidates must be >= 1, got {args.num_candidates}"),
         (args.eval_episodes >= 1, f"--eval-episodes must be >= 1, got {args.eval_episodes}"),
         (args.sampler_steps >= 1, f"--sampler-steps must be >= 1, got {args.sampler_steps}"),
     ]
@@ -490,15 +490,15 @@ def main(args: Args) -> None:
         for done in trainer.train("alignment", args.align_steps, cuda_graphed(alignment_step, graphs),
                                   optimizer=optimizers["policy"]):
             if args.eval_every and done % args.eval_every == 0 and done < args.align_steps:
-                trainer.log_eval(evaluate_model(policy, args.eval_candidates)[0])
+                trainer.log_eval(evaluate_model(policy, args.num_candidates)[0])
         trainer.finish("alignment", {"steps": args.align_steps})
 
     # ============================================================================================================
-    # Stage 5: evaluation of the behavior model and the aligned policy (best of eval_candidates by Q, and 1)
+    # Stage 5: evaluation of the behavior model and the aligned policy (best of num_candidates by Q, and 1)
     # ============================================================================================================
     policy.eval()
-    plan = [("behavior", behavior, args.eval_candidates, "behavior"), ("aligned", policy, args.eval_candidates, "")]
-    if args.eval_candidates > 1:  # also the plain diffusion policies, one sample per state
+    plan = [("behavior", behavior, args.num_candidates, "behavior"), ("aligned", policy, args.num_candidates, "")]
+    if args.num_candidates > 1:  # also the plain diffusion policies, one sample per state
         plan += [("behavior_1cand", behavior, 1, "behavior_1cand"), ("aligned_1cand", policy, 1, "aligned_1cand")]
     for index, (name, model, n, label) in enumerate(plan):
         if name in trainer.results:

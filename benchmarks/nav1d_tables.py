@@ -223,7 +223,7 @@ EDA_STAGE_HEADER = ["behavior (best of 4)", "aligned (best of 4)", "behavior (1 
 
 def eda_stage_cells(summaries: list[dict]) -> list[str]:
     """EDA's four evaluations (best of 4 by Q and one sample, behavior and aligned), mean ± std over seeds; a run
-    with --eval-candidates 1 has no separate one-sample stages."""
+    with --num-candidates 1 has no separate one-sample stages."""
     return [mean_std([s["stages"][stage]["return_mean"] for s in summaries if stage in s["stages"]])
             for stage in EDA_STAGES]
 

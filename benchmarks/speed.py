@@ -56,6 +56,7 @@ import dp_align
 import eda_d4rl
 from common.diffusion import Diffusion, VPSDE
 from common.nets import TemporalUNet, TwinQ, ValueNet, count_parameters
+from common.training import CompiledModules
 
 STATE_DIM, ACTION_DIM = 11, 3  # hopper
 DATASET_SIZE = 100_000  # random transitions kept on the device; batches are drawn from them inside the step
@@ -275,24 +276,15 @@ def eda_cases(device: torch.device, data: dict[str, torch.Tensor], train_variant
                     f"f: {count_parameters(behavior):,} parameters")
 
     def critic_build(variant: Variant) -> Timed:
-        q_optimizer, v_optimizer = adam(critic.parameters(), args.critic_lr, variant), adam(value.parameters(), args.critic_lr, variant)
-        loss_fn = compiled("critic", eda_d4rl.iql_losses) if variant.compile else eda_d4rl.iql_losses
-        target_params, online_params = list(critic_target.parameters()), list(critic.parameters())
+        optimizers = (adam(value.parameters(), args.critic_lr, variant), adam(critic.parameters(), args.critic_lr, variant))
+        losses = compiled("critic", eda_d4rl.iql_losses) if variant.compile else eda_d4rl.iql_losses
 
-        def step():
+        def step():  # the scripts' own IQL step (the same in all three)
             index = torch.randint(DATASET_SIZE, (args.critic_batch_size,), device=device)
             batch = (states[index], actions[index], data["rewards"][index], data["next_states"][index],
                      data["terminals"][index])
             with autocast(variant, device):
-                value_loss, q_loss = loss_fn(critic, critic_target, value, batch, args)
-            v_optimizer.zero_grad(set_to_none=True)
-            q_optimizer.zero_grad(set_to_none=True)
-            (value_loss + q_loss).backward()
-            v_optimizer.step()
-            q_optimizer.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(target_params, online_params, args.polyak)
-            return q_loss.detach()
+                return eda_d4rl.iql_update(critic, critic_target, value, batch, optimizers, args, losses)["q"]
         return Timed(step)
 
     def alignment_build(variant: Variant) -> Timed:
@@ -329,7 +321,7 @@ def eda_cases(device: torch.device, data: dict[str, torch.Tensor], train_variant
             model = sampling_model(policy, variant, f"act{envs}")
             observations = torch.randn(envs, STATE_DIM)  # what the environments return, on the host
             on_device = observations.to(device)
-            n = args.eval_candidates
+            n = args.num_candidates
 
             @torch.no_grad()
             def act():
@@ -340,7 +332,7 @@ def eda_cases(device: torch.device, data: dict[str, torch.Tensor], train_variant
             def outer(call):
                 return lambda: (on_device.copy_(observations), call().cpu())[1]
             return Timed(act, outer)
-        return Case("EDA", f"evaluation action, {envs} envs, best of {args.eval_candidates} by Q", "ours", "ms", 1,
+        return Case("EDA", f"evaluation action, {envs} envs, best of {args.num_candidates} by Q", "ours", "ms", 1,
                     sample_variants, build)
 
     return [behavior_case(256), Case("EDA", "IQL critic step, batch 256", "ours", "steps/s", 1, train_variants,
@@ -351,46 +343,40 @@ def eda_cases(device: torch.device, data: dict[str, torch.Tensor], train_variant
 
 
 def dp_cases(device: torch.device, train_variants, sample_variants) -> list[Case]:
-    """Diffusion Policy with the script's default (paper-scale) network, greedy selection by Q among 8 candidates."""
+    """Diffusion Policy with the script's default (paper-scale) network, greedy selection by Q among 8 candidates,
+    through the script's own foundation step and action selection."""
     args = dp_align.Args(selection="greedy")
     diffusion = Diffusion(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
                           prediction=args.prediction or None, clip_x0=1.0 if args.clip_sample else None)
-    cond_dim = args.obs_horizon * STATE_DIM
-    network = dp_align.build_denoiser(args, ACTION_DIM, cond_dim).to(device)
+    network = dp_align.build_denoiser(args, ACTION_DIM, args.obs_horizon * STATE_DIM).to(device)
     ema = copy.deepcopy(network).requires_grad_(False)
-    critic = dp_align.IQLCritic(STATE_DIM, ACTION_DIM, args.critic_hidden).to(device)
-    chunks = torch.rand(DATASET_SIZE // 10, args.pred_horizon, ACTION_DIM, device=device) * 2 - 1
-    conds = torch.randn(DATASET_SIZE // 10, cond_dim, device=device)
+    critic_target, value = TwinQ(STATE_DIM, ACTION_DIM, args.critic_hidden).to(device), ValueNet(STATE_DIM).to(device)
+    size = DATASET_SIZE // 10  # one long episode of random transitions
+    transitions = dp_align.Transitions(
+        observations=torch.randn(size, STATE_DIM, device=device), actions=torch.rand(size, ACTION_DIM, device=device) * 2 - 1,
+        rewards=torch.randn(size, device=device), next_observations=torch.randn(size, STATE_DIM, device=device),
+        terminals=torch.zeros(size, device=device), episode_first=torch.zeros(size, dtype=torch.long, device=device),
+        episode_last=torch.full((size,), size - 1, device=device))
+    space = dp_align.ChunkSpace(args, diffusion, transitions, critic_target, ACTION_DIM)
     compiled = CompiledOnce()
 
     def train_build(variant: Variant) -> Timed:
         optimizer = adam(network.parameters(), args.foundation_lr, variant)
         model = compiled("train", network) if variant.compile else network
-        ema_params, live_params = list(ema.parameters()), list(network.parameters())
 
         def step():
-            index = torch.randint(len(chunks), (args.batch_size,), device=device)
             with autocast(variant, device):
-                loss = diffusion.loss(model, chunks[index], conds[index]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, live_params, 1 - args.ema_decay)
-            return loss.detach()
+                return dp_align.foundation_step(space, model, network, ema, optimizer, args)["loss"]
         return Timed(step)
 
     def action_build(variant: Variant) -> Timed:
         model = compiled("act", ema) if variant.compile else ema
-        workspace = types.SimpleNamespace(args=args, diffusion=diffusion, chunk_shape=(args.pred_horizon, ACTION_DIM),
-                                          critic=critic, device=device, denoiser=lambda module: module)
-        history = torch.randn(1, cond_dim)
+        history = torch.randn(1, args.obs_horizon * STATE_DIM)
         cond = history.to(device)
-        obs = cond[:, -STATE_DIM:]
 
         def outer(call):
             return lambda: (cond.copy_(history), call().cpu())[1]
-        return Timed(lambda: dp_align.select_chunks(workspace, model, cond, obs, use_cascade=False), outer)
+        return Timed(lambda: dp_align.select_chunks(space, model, None, value, cond), outer)
 
     parameters = f"{args.backbone} hidden {args.hidden}, depth {args.depth}: {count_parameters(network):,} parameters"
     return [Case("DP", f"foundation step, batch {args.batch_size}", "ours", "steps/s", 1, train_variants, train_build,
@@ -399,17 +385,21 @@ def dp_cases(device: torch.device, train_variants, sample_variants) -> list[Case
                  "ours", "ms", 1, sample_variants, action_build, parameters)]
 
 
-DIFFUSER_SHAPE = dict(horizon=32, denoising_steps=20, num_plans=16, unet_base_dim=32, unet_dim_mults=(1, 2, 4))
+DIFFUSER_SHAPE = dict(horizon=32, sample_steps=20, train_steps=20, num_candidates=16, unet_base_dim=32,
+                      unet_dim_mults=(1, 2, 4))
 
 
 def diffuser_cases(device: torch.device, train_variants, sample_variants) -> list[Case]:
+    """The hopper-sized planner through the script's own foundation step and Planner.act."""
     args = diffuser_align.Args(env="hopper-medium-v2", planner="diffuser", sampler="ddpm", **DIFFUSER_SHAPE)
-    x_dim = STATE_DIM + ACTION_DIM
-    unet = TemporalUNet(x_dim, args.horizon, 0, args.unet_base_dim, args.unet_dim_mults).to(device)
+    unet = TemporalUNet(STATE_DIM + ACTION_DIM, args.horizon, 0, args.unet_base_dim, args.unet_dim_mults).to(device)
     critic = TwinQ(STATE_DIM, ACTION_DIM, 256).to(device).requires_grad_(False)
-    diffusion = diffuser_align.make_diffusion(args)
-    planner = diffuser_align.Planner(args, diffusion, unet, critic, STATE_DIM, ACTION_DIM)
-    windows = torch.randn(DATASET_SIZE // 10, args.horizon, x_dim, device=device)
+    planner = diffuser_align.Planner(args, diffuser_align.make_diffusion(args), unet, critic, STATE_DIM, ACTION_DIM)
+    size = DATASET_SIZE // 10
+    offline = {"observations": torch.randn(size, STATE_DIM, device=device),
+               "actions": torch.rand(size, ACTION_DIM, device=device) * 2 - 1,
+               "episode_last": torch.full((size,), size - 1, device=device)}
+    space = diffuser_align.PlanSpace(args, planner, offline)
     compiled = CompiledOnce()
 
     def train_build(variant: Variant) -> Timed:
@@ -418,19 +408,13 @@ def diffuser_cases(device: torch.device, train_variants, sample_variants) -> lis
         model = compiled("train", unet) if variant.compile else unet
 
         def step():
-            batch = windows[torch.randint(len(windows), (args.batch_size,), device=device)]
-            known = diffuser_align.random_prefix_masks(len(batch), args.horizon, STATE_DIM, x_dim, device)
             with autocast(variant, device):
-                loss = diffusion.loss(model, batch, None, mask=~known, known=known).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return loss.detach()
+                return diffuser_align.foundation_step(space, model, optimizer, args)["loss"]
         return Timed(step)
 
     def plan_build(variant: Variant) -> Timed:
         unet.eval()
-        planner.compile = variant.compile
+        planner.compiled = CompiledModules(variant.compile)
         observation = torch.randn(1, STATE_DIM)
         state = observation.to(device)
 
@@ -442,7 +426,7 @@ def diffuser_cases(device: torch.device, train_variants, sample_variants) -> lis
             f"{count_parameters(unet):,} parameters")
     return [Case("Diffuser", f"training step, batch {args.batch_size}", "ours", "steps/s", 1, train_variants,
                  train_build, note),
-            Case("Diffuser", f"planning, {args.num_plans} plans x {args.denoising_steps} DDPM steps, 1 env", "ours",
+            Case("Diffuser", f"planning, {args.num_candidates} plans x {args.sample_steps} DDPM steps, 1 env", "ours",
                  "ms", 1, sample_variants, plan_build, note)]
 
 
@@ -576,7 +560,7 @@ def cleandiffuser_cases(checkout: Path, device: torch.device) -> list[Case]:
     diffusion_module, nn_diffusion, nn_classifier, classifier_module = (importlib.import_module(f"cleandiffuser.{name}")
                                                                         for name in ("diffusion", "nn_diffusion",
                                                                                      "nn_classifier", "classifier"))
-    horizon, x_dim, plans = DIFFUSER_SHAPE["horizon"], STATE_DIM + ACTION_DIM, DIFFUSER_SHAPE["num_plans"]
+    horizon, x_dim, plans = DIFFUSER_SHAPE["horizon"], STATE_DIM + ACTION_DIM, DIFFUSER_SHAPE["num_candidates"]
     dim_mult = list(DIFFUSER_SHAPE["unet_dim_mults"])
     fix_mask = torch.zeros(horizon, x_dim)
     fix_mask[0, :STATE_DIM] = 1.0

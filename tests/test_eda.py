@@ -119,7 +119,7 @@ def test_data_ratio_subset_size(ratio, expected):
 
 
 @pytest.mark.parametrize("field, value", [("K", 1), ("beta", 0.0), ("data_ratio", 0.0), ("data_ratio", 1.5),
-                                          ("eval_candidates", 0)])
+                                          ("num_candidates", 0)])
 def test_bad_arguments_are_user_errors(field, value):
     with pytest.raises(UserError, match=field.replace("_", "-")):
         eda_d4rl.validate_args(eda_d4rl.Args(**{field: value}))
@@ -224,7 +224,7 @@ def test_hopper_minari_smoke_run_prints_a_normalized_score(tmp_path):
     result = run_script(tmp_path, "--env", dataset_id, "--run-dir", str(tmp_path / "hopper"),
                         "--behavior-steps", "3", "--critic-steps", "3", "--align-steps", "3", "--K", "2",
                         "--hidden", "16", "--blocks", "1", "--critic-hidden", "16", "--behavior-batch-size", "16",
-                        "--align-batch-size", "4", "--eval-episodes", "2", "--eval-candidates", "2",
+                        "--align-batch-size", "4", "--eval-episodes", "2", "--num-candidates", "2",
                         "--sampler-steps", "2", "--log-every", "1", "--eval-every", "0", "--cpu-threads", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "normalized score" in result.stdout
