@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import nav1d
+from common import nav1d
 from common.data import (Normalizer, evaluate, load_offline_data, model_transitions, normalized_score,
                          unscale_actions, windows)
 from common.diffusion import Diffusion, SampleOutput, gaussian_log_prob

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import nav1d
+from common import nav1d
 from common.data import (Normalizer, evaluate, load_offline_data, model_transitions, normalized_score,
                          unscale_actions, windows)
 from common.diffusion import Diffusion, SampleOutput, gaussian_log_prob

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import nav1d
+from common import nav1d
 from common.data import evaluate, iql_rewards, load_offline_data, normalized_score, Normalizer
 from common.diffusion import Diffusion, VPSDE
 from common.nets import IDQLResidualMLP, TwinQ, ValueNet, count_parameters

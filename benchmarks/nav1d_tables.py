@@ -259,7 +259,7 @@ def pyplot():
 
 
 def draw_optimum(axis) -> None:
-    import nav1d
+    from common import nav1d
 
     axis.axhline(nav1d.optimal_return(), color="grey", linestyle=":", linewidth=1, label="exact optimum")
 
@@ -297,7 +297,7 @@ def plot_planner_curves(jobs: list[Job]) -> None:
 
 
 def plot_figures(method_jobs_: list[Job], ratio_jobs: list[Job]) -> None:
-    import nav1d
+    from common import nav1d
 
     plt = pyplot()
 

@@ -305,6 +305,10 @@ def _from_minari(name: str, dataset: minari.MinariDataset, family_hint: tuple[st
         ref_min = ref_max = float("nan")
 
     def make_env() -> gym.Env:
+        if family == "nav1d":  # our own env, whatever entry point the dataset recorded when it was made
+            from common import nav1d
+
+            return gym.make(nav1d.ENV_ID)
         try:
             env = dataset.recover_environment(eval_env=True)
         except Exception as error:
@@ -465,7 +469,7 @@ def _load_locomotion(name: str, env: str, quality: str, version: str) -> Offline
 
 def load_offline_data(name: str) -> OfflineData:
     """Resolve a --env name (module docstring) and load the whole dataset; DatasetError when it is unavailable."""
-    import nav1d
+    from common import nav1d
 
     nav1d_kind = re.fullmatch(r"nav1d-(\w+)|nav1d/(\w+)-v0", name)
     if nav1d_kind:

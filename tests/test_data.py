@@ -12,7 +12,7 @@ import pytest
 import torch
 
 
-import nav1d
+from common import nav1d
 from conftest import make_tiny_hopper_dataset
 from common.data import (
     D4RL_REFERENCE_RETURNS,

@@ -7,7 +7,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-import nav1d
+from common import nav1d
 
 
 @pytest.fixture(scope="module")
