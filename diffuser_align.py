@@ -38,7 +38,8 @@ from common.data import (Normalizer, evaluate, load_offline_data, model_transiti
 from common.diffusion import Diffusion, SampleOutput, gaussian_log_prob
 from common.nets import (InverseDynamics, TemporalUNet, TwinQ, ValueNet, count_parameters,
                          load_foundation_into_cascade, policy_with_reference)
-from common.runtime import UserError, apply_presets, cli, cuda_graphed, seeded, stage_stats, start_run, use_cuda_graphs
+from common.runtime import (UserError, apply_presets, cli, cuda_graphed, require, seeded, stage_stats, start_run,
+                            use_cuda_graphs)
 from common.training import (CompiledModules, Trainer, action_latency_ms, check_loadable, require_same_data,
                              run_alignment)
 
@@ -265,9 +266,7 @@ def validate_args(args: Args) -> list[str]:
         (args.sampler not in ("ddpm", "ddim") or args.train_steps >= args.sample_steps,
          "--train-steps must be >= --sample-steps"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    require(checks)
     if "rl" in methods and not make_diffusion(args).stochastic:
         raise UserError(f"--align rl needs a stochastic sampler (step likelihoods); --sampler {args.sampler} with these "
                         "settings is deterministic: use qvpg instead, or --sampler ddim --eta 1.0")

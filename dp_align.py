@@ -37,7 +37,8 @@ from common.data import (Normalizer, evaluate, load_offline_data, model_transiti
 from common.diffusion import Diffusion, SampleOutput, gaussian_log_prob
 from common.nets import (DiT1d, MLPDenoiser, TwinQ, ValueNet, count_parameters, load_foundation_into_cascade,
                          policy_with_reference)
-from common.runtime import UserError, apply_presets, cli, cuda_graphed, seeded, stage_stats, start_run, use_cuda_graphs
+from common.runtime import (UserError, apply_presets, cli, cuda_graphed, require, seeded, stage_stats, start_run,
+                            use_cuda_graphs)
 from common.training import (CompiledModules, Trainer, action_latency_ms, check_loadable, require_same_data,
                              run_alignment)
 
@@ -276,9 +277,7 @@ def validate(args: Args) -> list[str]:
         (args.eta == 0 or args.sampler == "ddim", "--eta applies only to --sampler ddim"),
         (args.sampler != "fm" or args.prediction in ("", "velocity"), "--sampler fm predicts velocity; drop --prediction"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    require(checks)
     return methods
 
 

@@ -32,9 +32,9 @@ from common import nav1d
 from common.data import evaluate, iql_rewards, load_offline_data, normalized_score, Normalizer
 from common.diffusion import Diffusion, VPSDE
 from common.nets import IDQLResidualMLP, TwinQ, ValueNet, count_parameters
-from common.runtime import (UserError, apply_presets, check_finite, cli, cuda_graphed, stage_stats, start_run,
+from common.runtime import (apply_presets, check_finite, cli, cuda_graphed, require, stage_stats, start_run,
                             use_cuda_graphs)
-from common.training import Trainer, action_latency_ms, check_loadable
+from common.training import Trainer, action_latency_ms, check_loadable, require_same_data
 
 SCRIPT = "eda_d4rl"
 STAGES = ("behavior", "critic", "candidates", "alignment", "evaluation", "done")
@@ -49,8 +49,8 @@ class Args:
     """seed of the run (training, candidate sampling and evaluation seeds all follow from it)"""
     env: str = "hopper-medium-v2"
     """dataset: nav1d-{partial,full,expert}, a Minari id, or a D4RL name such as hopper-medium-v2"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where to run"""
     torch_deterministic: bool = True
     """deterministic torch kernels (same seed and device -> same summary.json)"""
     run_dir: str | None = None
@@ -186,9 +186,7 @@ def validate_args(args: Args) -> None:
         checks.append((getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1"))
     for name in ("behavior_lr", "critic_lr", "align_lr"):
         checks.append((getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0"))
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    require(checks)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,9 +341,7 @@ def main(args: Args) -> None:
     data = load_offline_data(args.env)
     normalizer = Normalizer.from_array(data.observations)
     for stage, checkpoint in loaded.items():
-        if not all(torch.equal(checkpoint["state"]["normalizer"][key], torch.as_tensor(getattr(normalizer, key)))
-                   for key in ("mean", "std")):
-            raise UserError(f"--load-{stage}: that run was trained on other data (its observation statistics differ)")
+        require_same_data(checkpoint, normalizer, f"--load-{stage}")
     run = start_run(args, script=SCRIPT)
     device = run.device
     print(f"values from presets: {from_presets}" if from_presets else "no preset matched; using the defaults")

@@ -193,6 +193,13 @@ def load_module_state(module: torch.nn.Module, state_dict: dict, what: str) -> N
         raise UserError(f"checkpoint for {what} does not fit this model ({detail})") from error
 
 
+def require(checks: list[tuple[bool, str]]) -> None:
+    """Argument validation before any work: the first failed (condition, message) becomes a one-line UserError."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
 def check_finite(loss_value: float, stage: str, step: int) -> None:
     if not np.isfinite(loss_value):
         raise NonFiniteLossError(stage, step, loss_value)
