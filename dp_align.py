@@ -11,8 +11,9 @@ multi-step MDP (REINFORCE or PPO-clip over the Gaussian sampler steps), `qvpg` b
 denoising steps, `dpo` is Diffusion-DPO on Q-ranked pairs against the model as the DPO stage found it, `sft`
 fine-tunes on the best samples that the frozen foundation still finds likely, and `cascade` trains a second,
 zero-initialised conditional model that turns a sample into a better one and is applied once at inference. Actions
-are chosen among N candidates by their mean (`expectation`), greedily by Q (`greedy`, the paper's rule), or by an
-IDQL softmax over Q - V (`idql`). The foundation, every method of every pass and the final model are evaluated.
+are chosen among N candidates by their mean (`expectation`), by the highest Q (`idql`, the paper's rule), or by
+sampling a softmax over Q - V (`softmax`, IDQL's stochastic rule). The foundation, every method of every pass and
+the final model are evaluated.
 
 The five methods and their helpers are written against `ChunkSpace` (how to draw, score and train on action chunks)
 and are the same text in diffuser_align.py, which implements the same interface for plans.
@@ -140,10 +141,11 @@ class Args:
     # ---- action selection
     num_candidates: int = 8
     """N: candidate chunks generated per decision"""
-    selection: Literal["expectation", "greedy", "idql"] = "expectation"
-    """expectation: mean of the candidates; greedy: argmax Q (the paper's rule); idql: sample softmax(T (Q - V))"""
-    idql_temperature: float = 1.0
-    """inverse temperature T of the idql selection"""
+    selection: Literal["expectation", "idql", "softmax"] = "expectation"
+    """expectation: mean of the candidates; idql: the highest Q (the paper's rule, "greedily ... similar to IDQL");
+    softmax: sample softmax(T (Q - V)), IDQL's own stochastic rule"""
+    softmax_temperature: float = 1.0
+    """inverse temperature T of the softmax selection"""
 
     # ---- alignment, shared by all methods (the same names in diffuser_align.py)
     align: str = "rl,dpo,sft"
@@ -262,7 +264,7 @@ def validate(args: Args) -> list[str]:
     checks += [(0 < getattr(args, name) <= 1, f"--{name.replace('_', '-')} must be in (0, 1]")
                for name in ("sft_top_fraction", "sft_quantile", "ema_decay", "gamma", "polyak")]
     checks += [(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0")
-               for name in ("dpo_beta", "ppo_clip", "credit_decay", "idql_temperature", "max_grad_norm",
+               for name in ("dpo_beta", "ppo_clip", "credit_decay", "softmax_temperature", "max_grad_norm",
                             "foundation_lr", "critic_lr", "rl_lr", "qvpg_lr", "dpo_lr", "sft_lr", "cascade_lr",
                             "lora_alpha")]
     checks += [
@@ -691,11 +693,12 @@ def select_chunks(space: ChunkSpace, model, cascade_model, value, cond: torch.Te
     if args.selection == "expectation":
         return candidates.mean(1)
     q = space.reward(cond.repeat_interleave(n, 0), candidates.flatten(0, 1)).view(-1, n)
-    if args.selection == "greedy":
+    if args.selection == "idql":
         choice = q.argmax(1)
     else:
         advantage = q - value(cond[:, -space.transitions.observations.shape[1]:])[:, None]
-        choice = torch.distributions.Categorical(logits=args.idql_temperature * advantage, validate_args=False).sample()
+        choice = torch.distributions.Categorical(logits=args.softmax_temperature * advantage,
+                                                 validate_args=False).sample()
     return candidates[torch.arange(candidates.shape[0], device=cond.device), choice]
 
 

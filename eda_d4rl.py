@@ -10,7 +10,9 @@ an IQL critic (stage 2), we draw K candidate actions per dataset state from the 
 with Q (stage 3). Alignment (stage 4) starts the policy f_theta as a copy of f_phi and trains it as a K-way classifier:
 the logit of candidate k is beta * (f_theta - f_phi)(a_t^k|s,t) at a noise level t shared by the K candidates, the
 target is softmax(q_scale * Q). Its optimum is pi(a|s) proportional to mu(a|s) exp(q_scale * Q(s,a) / beta). Both
-models are evaluated (stage 5) with DPM-Solver++ and best-of-`num_candidates` selection by Q.
+models are evaluated (stage 5) with DPM-Solver++ and best-of-`num_candidates` selection by Q. Candidates and
+evaluation sample with DPM-Solver++(2M) on a logSNR-uniform grid by default, or with the authors' singlestep 2S on a
+time-uniform grid (`--solver dpm_solver++_2s`).
 
     python eda_d4rl.py --env nav1d-full            # minutes on a CPU
     python eda_d4rl.py --env hopper-medium-v2      # paper scale, one GPU
@@ -18,6 +20,7 @@ models are evaluated (stage 5) with DPM-Solver++ and best-of-`num_candidates` se
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -32,8 +35,8 @@ from common import nav1d
 from common.data import evaluate, iql_rewards, load_offline_data, normalized_score, Normalizer
 from common.diffusion import Diffusion, VPSDE
 from common.nets import IDQLResidualMLP, TwinQ, ValueNet, count_parameters
-from common.runtime import (apply_presets, check_finite, cli, cuda_graphed, require, stage_stats, start_run,
-                            use_cuda_graphs)
+from common.runtime import (apply_presets, check_finite, cli, cuda_graphed, explicit_fields, require, stage_stats,
+                            start_run, use_cuda_graphs)
 from common.training import Trainer, action_latency_ms, check_loadable, require_same_data
 
 SCRIPT = "eda_d4rl"
@@ -107,8 +110,11 @@ class Args:
     """candidate actions per state (the classes of the contrastive loss, >= 2)"""
     data_ratio: float = 1.0
     """fraction of dataset states that get candidates and Q labels (the paper's 1%-data experiment: 0.01)"""
+    solver: Literal["dpm_solver++", "dpm_solver++_2s"] = "dpm_solver++"
+    """sampler of candidates and evaluation: dpm_solver++ (multistep 2M on a logSNR-uniform grid) or dpm_solver++_2s
+    (singlestep 2S on a time-uniform grid, the authors' code)"""
     sampler_steps: int = 15
-    """DPM-Solver++(2M) steps for candidates and evaluation"""
+    """network evaluations per sample"""
     candidate_batch_size: int = 1024
     """states per batch of candidate sampling (K samples each)"""
     # alignment (section 3.4)
@@ -124,6 +130,8 @@ class Args:
     """labels are softmax(q_scale * Q) over the K candidates"""
     labels: Literal["soft", "hard"] = "soft"
     """soft: softmax(q_scale * Q); hard: one-hot argmax Q (the preference-based ablation; K=2 is DPO-like)"""
+    normalize_observations: bool = True
+    """standardise observations with the dataset's mean and std (the authors' code feeds raw observations)"""
     # evaluation (section 3.5)
     num_candidates: int = 4
     """the action is the best of this many policy samples by Q (every model is also reported with 1)"""
@@ -339,12 +347,16 @@ def main(args: Args) -> None:
     loaded = {stage: check_loadable(path, SCRIPT, stage)
               for stage, path in (("behavior", args.load_behavior), ("critic", args.load_critic)) if path}
     data = load_offline_data(args.env)
-    normalizer = Normalizer.from_array(data.observations)
+    normalizer = Normalizer.from_array(data.observations) if args.normalize_observations else Normalizer(
+        np.zeros(data.observations.shape[1], np.float32), np.ones(data.observations.shape[1], np.float32))
     for stage, checkpoint in loaded.items():
         require_same_data(checkpoint, normalizer, f"--load-{stage}")
     run = start_run(args, script=SCRIPT)
     device = run.device
     print(f"values from presets: {from_presets}" if from_presets else "no preset matched; using the defaults")
+    if "beta" not in from_presets and "beta" not in explicit_fields(sys.argv[1:]):
+        print(f"note: {args.env} has no entry in the beta table; using --beta {args.beta} (sweep it: the paper's grid "
+              "is 0.1-2 for locomotion, 0.3-5 for antmaze and kitchen)")
 
     # ---- data: tensors on the device, states normalised (the same normaliser is used at evaluation) ----
     def as_tensor(array):
@@ -362,7 +374,7 @@ def main(args: Args) -> None:
     # ---- models and optimisers (all built up front so that any checkpoint can be restored) ----
     graphs = use_cuda_graphs(args, device)  # Adam steps inside a CUDA graph keep their step count on the device
     sde = VPSDE()
-    diffusion = Diffusion("dpm_solver++", steps=args.sampler_steps, sde=sde)
+    diffusion = Diffusion(args.solver, steps=args.sampler_steps, sde=sde)
     behavior = EnergyModel(state_dim, action_dim, args, sde).to(device)
     policy = copy.deepcopy(behavior)
     critic = TwinQ(state_dim, action_dim, hidden=args.critic_hidden).to(device)

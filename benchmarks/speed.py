@@ -343,9 +343,9 @@ def eda_cases(device: torch.device, data: dict[str, torch.Tensor], train_variant
 
 
 def dp_cases(device: torch.device, train_variants, sample_variants) -> list[Case]:
-    """Diffusion Policy with the script's default (paper-scale) network, greedy selection by Q among 8 candidates,
+    """Diffusion Policy with the script's default (paper-scale) network, the paper's selection (highest Q) among 8 candidates,
     through the script's own foundation step and action selection."""
-    args = dp_align.Args(selection="greedy")
+    args = dp_align.Args(selection="idql")
     diffusion = Diffusion(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
                           prediction=args.prediction or None, clip_x0=1.0 if args.clip_sample else None)
     network = dp_align.build_denoiser(args, ACTION_DIM, args.obs_horizon * STATE_DIM).to(device)

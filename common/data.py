@@ -84,6 +84,7 @@ class OfflineData:
     make_env: Callable[[], gym.Env] = field(repr=False)  # evaluation env, observations flattened like the data
     action_low: np.ndarray = field(repr=False)
     action_high: np.ndarray = field(repr=False)
+    last_episode_finished: bool = True  # False when a file ends in the middle of an episode (no terminal/time-out)
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -101,10 +102,12 @@ class OfflineData:
         starts = np.concatenate([[0], ends[:-1]])
         return [slice(int(start), int(end)) for start, end in zip(starts, ends)]
 
-    def episode_returns(self) -> np.ndarray:
-        """Undiscounted return of every episode, in order."""
+    def episode_returns(self, finished_only: bool = False) -> np.ndarray:
+        """Undiscounted return of every episode, in order; without the last one when it was cut off by the end of
+        the data and `finished_only`."""
         ends = np.flatnonzero(self.episode_ends) + 1
-        return np.add.reduceat(self.rewards.astype(np.float64), np.concatenate([[0], ends[:-1]]))
+        returns = np.add.reduceat(self.rewards.astype(np.float64), np.concatenate([[0], ends[:-1]]))
+        return returns[:-1] if finished_only and not self.last_episode_finished and len(returns) > 1 else returns
 
 
 def _one_line(error: BaseException) -> str:
@@ -339,12 +342,13 @@ def d4rl_file_names(env: str, quality: str, version: str) -> list[str]:
     return [f"{env}_{quality.replace('-', '_')}-v{version}.hdf5", f"{env}-{quality}-v{version}.hdf5"]
 
 
-def read_d4rl_hdf5(path: Path, name: str) -> dict[str, np.ndarray]:
+def read_d4rl_hdf5(path: Path, name: str) -> tuple[dict[str, np.ndarray], bool]:
     """Transition arrays of a D4RL file (keys observations, actions, rewards, terminals, timeouts[, next_observations]).
 
     Episodes end at terminals or timeouts. Without next_observations the successor of step i is observation i+1,
     which is unknown for a time-out step (the next row starts a new episode): such steps are dropped, as d4rl's
-    qlearning_dataset does, and the step before becomes the episode's last.
+    qlearning_dataset does, and the step before becomes the episode's last. Also returns whether the file's last
+    episode finished (a terminal or time-out on its last row) rather than being cut off by the end of the file.
     """
     source = f"d4rl-hdf5:{path}"
     try:
@@ -371,6 +375,7 @@ def read_d4rl_hdf5(path: Path, name: str) -> dict[str, np.ndarray]:
     observations = raw["observations"].astype(np.float32)
     terminals = raw["terminals"].reshape(count).astype(bool)
     timeouts = raw["timeouts"].reshape(count).astype(bool) & ~terminals
+    last_episode_finished = bool(terminals[-1] or timeouts[-1])
     episode_ends = terminals | timeouts
     episode_ends[-1] = True
     keep = np.ones(count, dtype=bool)
@@ -390,12 +395,12 @@ def read_d4rl_hdf5(path: Path, name: str) -> dict[str, np.ndarray]:
         "terminals": terminals,
         "episode_ends": episode_ends,
     }
-    return {key: values[keep] for key, values in arrays.items()}
+    return {key: values[keep] for key, values in arrays.items()}, last_episode_finished
 
 
 def _from_d4rl_file(name: str, path: Path, env: str) -> OfflineData:
     source = f"d4rl-hdf5:{path}"
-    arrays = read_d4rl_hdf5(path, name)
+    arrays, last_episode_finished = read_d4rl_hdf5(path, name)
     _check_transitions(name, source, arrays)
     env_id = LOCOMOTION_ENVS[env]
     probe = gym.make(env_id)
@@ -409,6 +414,7 @@ def _from_d4rl_file(name: str, path: Path, env: str) -> OfflineData:
     ref_min, ref_max = D4RL_REFERENCE_RETURNS[env]
     return OfflineData(
         name=name, source=source, family="locomotion", **arrays, ref_min_score=ref_min, ref_max_score=ref_max,
+        last_episode_finished=last_episode_finished,
         make_env=lambda: gym.make(env_id), action_low=action_space.low.astype(np.float32),
         action_high=action_space.high.astype(np.float32),
     )
@@ -495,9 +501,10 @@ def load_offline_data(name: str) -> OfflineData:
 # Rewards, scores, normalisation
 # ------------------------------------------------------------------------------------------------------------------
 def iql_rewards(data: OfflineData) -> np.ndarray:
-    """IQL's reward convention: locomotion r * 1000 / (max - min episode return), antmaze r - 1, otherwise r."""
+    """IQL's reward convention: locomotion r * 1000 / (max - min return of the finished episodes), antmaze r - 1,
+    otherwise r."""
     if data.family == "locomotion":
-        returns = data.episode_returns()
+        returns = data.episode_returns(finished_only=True)
         spread = float(returns.max() - returns.min())
         return (data.rewards * (1000.0 / spread if spread > 0 else 1.0)).astype(np.float32)
     if data.family == "antmaze":

@@ -6,6 +6,10 @@ One `Diffusion` object fixes the forward process and the sampler:
   DDPM is the generalised DDIM step with eta = 1, i.e. the ancestral posterior q(x_{k'} | x_k, x0_hat).
 * `sm`: continuous linear VP-SDE, reverse-time SDE integrated by Euler-Maruyama from t = 1 to t_min.
 * `dpm_solver++`: the same VP-SDE, DPM-Solver++(2M) in data-prediction form on a logSNR-uniform grid.
+* `dpm_solver++_2s`: the same VP-SDE, singlestep DPM-Solver++(2S) on a time-uniform grid, each second-order step
+  spanning two grid intervals with its intermediate evaluation at the middle grid time, and a first-order last step
+  when the number of steps is odd: what the EDA authors sample with (their DPM_Solver.sample(order=2), default
+  singlestep, time_uniform). `steps` counts network evaluations, as theirs does.
 * `fm`: rectified flow x_t = (1 - t) x0 + t z with velocity target z - x0, Euler or Heun from t = 1 to 0.
 
 Networks are called as `model(x, t, cond)` with `t` the network time in [0, 1] (discrete level k of T is k / T).
@@ -22,12 +26,13 @@ from torch import Tensor
 
 from common.runtime import UserError
 
-SAMPLERS = ("ddpm", "ddim", "sm", "fm", "dpm_solver++")
+SAMPLERS = ("ddpm", "ddim", "sm", "fm", "dpm_solver++", "dpm_solver++_2s")
 PREDICTIONS = ("eps", "x0", "velocity")
 SCHEDULES = ("cosine", "linear")
 FM_SOLVERS = ("euler", "heun")
 DISCRETE_SAMPLERS = ("ddpm", "ddim")
-CONTINUOUS_VP_SAMPLERS = ("sm", "dpm_solver++")
+CONTINUOUS_VP_SAMPLERS = ("sm", "dpm_solver++", "dpm_solver++_2s")
+DPM_SOLVERS = ("dpm_solver++", "dpm_solver++_2s")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,6 +217,10 @@ class Diffusion:
             std[-1] = 0.0  # the last step returns its mean: no fresh noise on the final sample
             self.step_drift = beta_width.tolist()  # h beta(t)
             self.step_std = std.tolist()
+        elif self.sampler == "dpm_solver++_2s":  # uniform in time, as the EDA authors' solver
+            times = torch.linspace(1.0, self.t_min, self.steps + 1, dtype=torch.float64)
+            self.step_lambda = self.sde.lambda_(times).tolist()
+            self.step_std = [0.0] * self.steps
         else:  # dpm_solver++: uniform in lambda = log(alpha / sigma)
             lambdas = torch.linspace(
                 float(self.sde.lambda_(torch.tensor(1.0, dtype=torch.float64))),
@@ -327,8 +336,8 @@ class Diffusion:
         deterministic. dpm_solver++ is multistep (its update needs the previous prediction), so it has none."""
         if not 0 <= step < self.steps:
             raise UserError(f"step {step} out of range for a {self.steps}-step sampler")
-        if self.sampler == "dpm_solver++":
-            raise UserError("dpm_solver++ is a deterministic multistep solver; it has no per-step distribution")
+        if self.sampler in DPM_SOLVERS:
+            raise UserError(f"{self.sampler} is a deterministic solver; it has no per-step distribution")
         if self.clip_x0 is not None:
             model = self.with_clipped_x0(model)
         if self.sampler in DISCRETE_SAMPLERS:
@@ -389,6 +398,24 @@ class Diffusion:
         x_next = (self.step_sigma[step + 1] / sigma) * x - self.step_alpha[step + 1] * math.expm1(-h) * data_term
         return x_next, x0_hat
 
+    def _dpm_solver_2s_step(self, model, x, step, cond) -> tuple[Tensor, int]:
+        """Singlestep DPM-Solver++(2S) from grid point `step` over two intervals (the middle grid time is the
+        intermediate point), or DPM-Solver++(1) over the last interval; returns (x, grid points advanced)."""
+        if self.clip_x0 is not None:
+            model = self.with_clipped_x0(model)
+        alpha, sigma, lam = self.step_alpha[step], self.step_sigma[step], self.step_lambda[step]
+        x0_hat, _ = self._split(model(x, self._network_time(self.step_time[step], x), cond), x, alpha, sigma)
+        if step + 2 > self.steps:  # first order: x_t = (sigma_t / sigma_s) x - alpha_t expm1(-h) x0
+            h = self.step_lambda[step + 1] - lam
+            return (self.step_sigma[step + 1] / sigma) * x - self.step_alpha[step + 1] * math.expm1(-h) * x0_hat, 1
+        h = self.step_lambda[step + 2] - lam
+        r1 = (self.step_lambda[step + 1] - lam) / h
+        middle = (self.step_sigma[step + 1] / sigma) * x - self.step_alpha[step + 1] * math.expm1(-r1 * h) * x0_hat
+        middle_output = model(middle, self._network_time(self.step_time[step + 1], x), cond)
+        middle_x0, _ = self._split(middle_output, middle, self.step_alpha[step + 1], self.step_sigma[step + 1])
+        data_term = x0_hat + (0.5 / r1) * (middle_x0 - x0_hat)
+        return (self.step_sigma[step + 2] / sigma) * x - self.step_alpha[step + 2] * math.expm1(-h) * data_term, 2
+
     def sample(
         self,
         model,
@@ -448,6 +475,14 @@ class Diffusion:
         first_grad_step = 0 if grad_last_k is None else self.steps - grad_last_k
         grad_mode = torch.is_grad_enabled()
         previous_x0 = None
+        if self.sampler == "dpm_solver++_2s":
+            if return_chain or grad_last_k is not None or start_step:
+                raise UserError("dpm_solver++_2s samples only whole chains without gradients or history")
+            step = 0
+            while step < self.steps:
+                x, advanced = self._dpm_solver_2s_step(model, x, step, cond)
+                x, step = inpaint(x), step + advanced
+            return SampleOutput(x0=x, chain=None, log_probs=None, stochastic=None, cond=cond)
         for step in range(start_step, self.steps):
             if step == first_grad_step and grad_last_k is not None:
                 x = x.detach()

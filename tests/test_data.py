@@ -154,6 +154,22 @@ def test_d4rl_file_without_next_observations_drops_time_out_steps(d4rl_dir, offl
     np.testing.assert_array_equal(data.next_observations[inside], data.observations[1:][inside[:-1]])
 
 
+def test_iql_reward_scale_leaves_out_an_episode_cut_off_by_the_end_of_the_file(d4rl_dir, offline):
+    rewards = np.ones(300, dtype=np.float32)
+    rewards[200:] = 0.01  # the last episode has a tiny return: counted, it would widen the spread
+    write_d4rl_file(d4rl_dir / "hopper_medium-v2.hdf5", rewards=rewards)
+    with h5py.File(d4rl_dir / "hopper_medium-v2.hdf5", "a") as file:
+        timeouts = file["timeouts"][()]
+        timeouts[-1] = False  # the file ends in the middle of episode 2
+        del file["timeouts"]
+        file["timeouts"] = timeouts
+    data = load_offline_data("hopper-medium-v2")
+    assert not data.last_episode_finished and len(data.episode_returns()) == 3
+    np.testing.assert_allclose(data.episode_returns(finished_only=True), [100.0, 100.0])
+    # both finished episodes return 100, so their spread is 0 and the rewards keep their scale
+    np.testing.assert_allclose(iql_rewards(data), rewards)
+
+
 def test_nonfinite_rewards_are_a_dataset_error(d4rl_dir, offline):
     rewards = np.ones(300, dtype=np.float32)
     rewards[42] = np.nan

@@ -116,7 +116,24 @@ SAMPLER_CASES = {
     "dpm_solver++ 15 steps": ("dpm_solver++", dict(steps=15)),
     "dpm_solver++ 25 steps": ("dpm_solver++", dict(steps=25)),
     "dpm_solver++ velocity-pred 15 steps": ("dpm_solver++", dict(steps=15, prediction="velocity")),
+    "dpm_solver++_2s 201 steps": ("dpm_solver++_2s", dict(steps=201)),
 }
+
+
+@pytest.mark.parametrize("steps", [14, 15])
+def test_singlestep_solver_evaluates_the_network_steps_times_on_the_time_uniform_grid(steps):
+    """The EDA authors' setup: `steps` evaluations, 2nd-order steps over pairs of intervals of a time-uniform grid
+    (the intermediate at the middle grid time), one 1st-order step when `steps` is odd."""
+    diffusion = Diffusion("dpm_solver++_2s", steps=steps)
+    model, times = GaussianOptimalModel(diffusion), []
+
+    def recording(x, t, cond):
+        times.append(round(float(t[0]), 6))
+        return model(x, t, cond)
+
+    diffusion.sample(recording, (8, 2), generator=torch.Generator().manual_seed(0))
+    assert times == [round(t, 6) for t in diffusion.step_time[:-1]]
+    assert diffusion.step_time == pytest.approx(torch.linspace(1, 1e-3, steps + 1, dtype=torch.float64).tolist())
 
 
 @pytest.mark.parametrize("case", list(SAMPLER_CASES))

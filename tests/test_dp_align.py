@@ -124,7 +124,7 @@ SMOKE_RUNS = {
     "ddpm": ["--align", "rl,qvpg,dpo,sft,cascade", "--credit", "similarity", "--kl-coef", "0.1",
              "--entropy-coef", "0.1", "--selection", "idql"],
     "ddim": ["--align", "qvpg,dpo,sft,cascade", "--qvpg-random-k", "--kl-coef", "0.1", "--backbone", "mlp",
-             "--selection", "greedy", "--lora-rank", "0"],
+             "--selection", "softmax", "--lora-rank", "0"],
     "ddim-eta": ["--sampler", "ddim", "--eta", "0.5", "--align", "rl,cascade", "--rl-algo", "reinforce",
                  "--credit", "decay", "--passes", "2", "--online-episodes", "3", "--online-critic-steps", "2"],
     "sm": ["--align", "rl,qvpg,dpo,sft,cascade", "--sft-source", "reference", "--prediction", "x0"],

@@ -133,7 +133,9 @@ def test_plan_coherency_is_one_on_true_transitions(arrays):
 def test_policy_coherency(arrays):
     observations, actions, _ = arrays["full"]
     assert nav1d.policy_coherency("full", observations[:, :-1], actions) == 1.0
-    assert nav1d.policy_coherency("partial", observations[:, :-1], actions + 2.0) == 0.0
+    assert nav1d.policy_coherency("partial", observations[:, :-1], actions + 2.5) == 0.0
+    at_the_bound = np.full(actions.shape, np.float32(1.0) + np.float32(2.4e-7))  # float round-off of a clipped action
+    assert nav1d.policy_coherency("full", observations[:, :-1], at_the_bound) == 1.0
     states = observations[:, :-1]
     greedy = nav1d.greedy_action(states[..., 0], np.arange(nav1d.HORIZON))
     assert nav1d.policy_coherency("expert", states, greedy) == pytest.approx(1.0)
