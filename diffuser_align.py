@@ -88,6 +88,9 @@ class Args:
     """ddim (eta=0) and fm are deterministic: use qvpg (or --eta > 0) for RL alignment"""
     eta: float = 0.0
     """DDIM noise (0 deterministic, > 0 stochastic steps that RL alignment can use)"""
+    sde_solver: Literal["exponential", "euler"] = "exponential"
+    """reverse-SDE step of --sampler sm: exponential integrator (exact Gaussian steps on a logSNR grid) or
+    Euler-Maruyama (needs hundreds of steps)"""
     prediction: Literal["", "eps", "x0", "velocity"] = ""
     """network output; empty: x0 for ddpm/ddim (as Diffuser: eps-prediction divides by the tiny alpha of the
     noisiest level and blows up), eps for sm, velocity for fm"""
@@ -279,7 +282,7 @@ def validate_args(args: Args) -> list[str]:
 def make_diffusion(args: Args) -> Diffusion:
     prediction = args.prediction or {"ddpm": "x0", "ddim": "x0", "sm": "eps", "fm": "velocity"}[args.sampler]
     return Diffusion(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
-                     prediction=prediction)
+                     prediction=prediction, sde_solver=args.sde_solver)
 
 
 def inpaint_current_state(states: torch.Tensor, horizon: int, x_dim: int, repeats: int):

@@ -105,6 +105,9 @@ class Args:
     """noise levels of the discrete schedule (ddpm, ddim); sampling strides over them"""
     eta: float = 0.0
     """DDIM noise (0 = deterministic; ddpm is ddim with eta=1)"""
+    sde_solver: Literal["exponential", "euler"] = "exponential"
+    """reverse-SDE step of --sampler sm: exponential integrator (exact Gaussian steps on a logSNR grid) or
+    Euler-Maruyama (needs hundreds of steps)"""
     prediction: Literal["", "eps", "x0", "velocity"] = ""
     """network output ('' = the sampler's default; fm is always velocity)"""
     clip_sample: bool = True
@@ -770,7 +773,8 @@ def main(args: Args) -> None:
     state_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
     cond_dim = args.obs_horizon * state_dim
     diffusion = Diffusion(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
-                          prediction=args.prediction or None, clip_x0=1.0 if args.clip_sample else None)
+                          prediction=args.prediction or None, clip_x0=1.0 if args.clip_sample else None,
+                          sde_solver=args.sde_solver)
     foundation_net = build_denoiser(args, action_dim, cond_dim).to(device)
     foundation = copy.deepcopy(foundation_net).requires_grad_(False)  # the EMA: the foundation used afterwards
     critic, value = TwinQ(state_dim, action_dim, args.critic_hidden).to(device), ValueNet(state_dim, args.critic_hidden).to(device)

@@ -4,7 +4,11 @@ One `Diffusion` object fixes the forward process and the sampler:
 
 * `ddpm` / `ddim`: discrete VP schedule (cosine or linear) with `train_steps` noise levels; sampling may stride.
   DDPM is the generalised DDIM step with eta = 1, i.e. the ancestral posterior q(x_{k'} | x_k, x0_hat).
-* `sm`: continuous linear VP-SDE, reverse-time SDE integrated by Euler-Maruyama from t = 1 to t_min.
+* `sm`: continuous linear VP-SDE, reverse-time SDE from t = 1 to t_min: by default its exponential-integrator
+  discretisation (`sde_solver="exponential"`: each step draws from the exact Gaussian q(x_s | x_t, x0 = x0_hat), the
+  continuous-time DDPM posterior, on a logSNR-uniform grid), or by Euler-Maruyama on a time-uniform grid
+  (`sde_solver="euler"`: x + h (beta x / 2 + beta score) + sqrt(h beta) z, which needs hundreds of steps: at 10 and
+  20 steps it misses a narrow Gaussian's std by +375% and +18%, the exponential step by -33% and -19%).
 * `dpm_solver++`: the same VP-SDE, DPM-Solver++(2M) in data-prediction form on a logSNR-uniform grid.
 * `dpm_solver++_2s`: the same VP-SDE, singlestep DPM-Solver++(2S) on a time-uniform grid, each second-order step
   spanning two grid intervals with its intermediate evaluation at the middle grid time, and a first-order last step
@@ -30,6 +34,7 @@ SAMPLERS = ("ddpm", "ddim", "sm", "fm", "dpm_solver++", "dpm_solver++_2s")
 PREDICTIONS = ("eps", "x0", "velocity")
 SCHEDULES = ("cosine", "linear")
 FM_SOLVERS = ("euler", "heun")
+SDE_SOLVERS = ("exponential", "euler")
 DISCRETE_SAMPLERS = ("ddpm", "ddim")
 CONTINUOUS_VP_SAMPLERS = ("sm", "dpm_solver++", "dpm_solver++_2s")
 DPM_SOLVERS = ("dpm_solver++", "dpm_solver++_2s")
@@ -141,6 +146,7 @@ class Diffusion:
         sde: VPSDE | None = None,
         t_min: float = 1e-3,
         clip_x0: float | None = None,
+        sde_solver: str = "exponential",
     ):
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -150,6 +156,8 @@ class Diffusion:
             raise UserError(f"unknown noise schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if fm_solver not in FM_SOLVERS:
             raise UserError(f"unknown fm solver {fm_solver!r}; choose one of {', '.join(FM_SOLVERS)}")
+        if sde_solver not in SDE_SOLVERS:
+            raise UserError(f"unknown sde solver {sde_solver!r}; choose one of {', '.join(SDE_SOLVERS)}")
         if fm_solver != "euler" and sampler != "fm":
             raise UserError(f"fm_solver={fm_solver!r} applies only to the fm sampler, not {sampler!r}")
         if eta < 0:
@@ -182,6 +190,7 @@ class Diffusion:
         self.sde = sde if sde is not None else VPSDE()
         self.t_min = t_min
         self.clip_x0 = clip_x0
+        self.sde_solver = sde_solver
         self._alphas_cumprod_on: dict[torch.device, Tensor] = {}
         self._build_step_tables()
 
@@ -212,10 +221,23 @@ class Diffusion:
             return
         if self.sampler == "sm":
             times = torch.linspace(1.0, self.t_min, self.steps + 1, dtype=torch.float64)
-            beta_width = self.sde.beta(times[:-1]) * (times[:-1] - times[1:])
-            std = beta_width.sqrt()
+            if self.sde_solver == "exponential":  # logSNR-uniform, like dpm_solver++: more steps near the data
+                times = self.sde.inverse_lambda(torch.linspace(float(self.sde.lambda_(times[0])),
+                                                               float(self.sde.lambda_(times[-1])), self.steps + 1,
+                                                               dtype=torch.float64))
+                times[0], times[-1] = 1.0, self.t_min
+            if self.sde_solver == "euler":
+                beta_width = self.sde.beta(times[:-1]) * (times[:-1] - times[1:])
+                std = beta_width.sqrt()
+                self.step_drift = beta_width.tolist()  # h beta(t)
+            else:  # q(x_s | x_t, x0): alpha_ts = alpha_t / alpha_s, sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2
+                alpha, sigma = self.sde.alpha(times), self.sde.sigma(times)
+                alpha_ts = alpha[:-1] / alpha[1:]
+                sigma_ts2 = sigma[:-1] ** 2 - alpha_ts**2 * sigma[1:] ** 2
+                self.step_x_coef = (alpha_ts * sigma[1:] ** 2 / sigma[:-1] ** 2).tolist()
+                self.step_x0_coef = (alpha[1:] * sigma_ts2 / sigma[:-1] ** 2).tolist()
+                std = (sigma_ts2 * sigma[1:] ** 2 / sigma[:-1] ** 2).clamp(min=0).sqrt()
             std[-1] = 0.0  # the last step returns its mean: no fresh noise on the final sample
-            self.step_drift = beta_width.tolist()  # h beta(t)
             self.step_std = std.tolist()
         elif self.sampler == "dpm_solver++_2s":  # uniform in time, as the EDA authors' solver
             times = torch.linspace(1.0, self.t_min, self.steps + 1, dtype=torch.float64)
@@ -346,9 +368,13 @@ class Diffusion:
             x0_hat, eps_hat = self._split(output, x, alpha, sigma)
             mean = self.step_alpha[step + 1] * x0_hat + self.step_direction[step] * eps_hat
             return mean, self.step_std[step]
-        if self.sampler == "sm":  # x - h f + h g^2 score, with f = -beta x / 2, g^2 = beta, score = -eps / sigma
+        if self.sampler == "sm":
             alpha, sigma = self.step_alpha[step], self.step_sigma[step]
             output = model(x, self._network_time(self.step_time[step], x), cond)
+            if self.sde_solver == "exponential":  # the mean of q(x_s | x_t, x0 = x0_hat)
+                x0_hat, _ = self._split(output, x, alpha, sigma)
+                return self.step_x_coef[step] * x + self.step_x0_coef[step] * x0_hat, self.step_std[step]
+            # Euler-Maruyama: x - h f + h g^2 score, with f = -beta x / 2, g^2 = beta, score = -eps / sigma
             eps_hat = self._noise_from_output(output, x, alpha, sigma)
             drift = self.step_drift[step]
             return x + drift * (0.5 * x - eps_hat / sigma), self.step_std[step]

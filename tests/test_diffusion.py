@@ -111,6 +111,7 @@ SAMPLER_CASES = {
     "ddim eta=0.5 200 steps": ("ddim", dict(steps=200, eta=0.5)),
     "ddim eta=0 x0-pred 200 steps": ("ddim", dict(steps=200, prediction="x0")),
     "sm 300 steps": ("sm", dict(steps=300)),
+    "sm euler-maruyama 1000 steps": ("sm", dict(steps=1000, sde_solver="euler")),
     "fm euler 200 steps": ("fm", dict(steps=200)),
     "fm heun 20 steps": ("fm", dict(steps=20, fm_solver="heun")),
     "dpm_solver++ 15 steps": ("dpm_solver++", dict(steps=15)),
