@@ -91,6 +91,9 @@ class Args:
     sde_solver: Literal["exponential", "euler"] = "exponential"
     """reverse-SDE step of --sampler sm: exponential integrator (exact Gaussian steps on a logSNR grid) or
     Euler-Maruyama (needs hundreds of steps)"""
+    spacing: Literal["uniform", "quadratic"] = "uniform"
+    """sampler steps of ddpm, ddim (over the --train-steps levels) and fm: even, or quadratic (densest near the data,
+    where coarse first-order steps lose the data's spread)"""
     prediction: Literal["", "eps", "x0", "velocity"] = ""
     """network output; empty: x0 for ddpm/ddim (as Diffuser: eps-prediction divides by the tiny alpha of the
     noisiest level and blows up), eps for sm, velocity for fm"""
@@ -282,7 +285,7 @@ def validate_args(args: Args) -> list[str]:
 def make_diffusion(args: Args) -> Diffusion:
     prediction = args.prediction or {"ddpm": "x0", "ddim": "x0", "sm": "eps", "fm": "velocity"}[args.sampler]
     return Diffusion(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
-                     prediction=prediction, sde_solver=args.sde_solver)
+                     prediction=prediction, sde_solver=args.sde_solver, spacing=args.spacing)
 
 
 def inpaint_current_state(states: torch.Tensor, horizon: int, x_dim: int, repeats: int):

@@ -108,6 +108,9 @@ class Args:
     sde_solver: Literal["exponential", "euler"] = "exponential"
     """reverse-SDE step of --sampler sm: exponential integrator (exact Gaussian steps on a logSNR grid) or
     Euler-Maruyama (needs hundreds of steps)"""
+    spacing: Literal["uniform", "quadratic"] = "uniform"
+    """sampler steps of ddpm, ddim (over the --train-steps levels) and fm: even, or quadratic (densest near the data,
+    where coarse first-order steps lose the data's spread)"""
     prediction: Literal["", "eps", "x0", "velocity"] = ""
     """network output ('' = the sampler's default; fm is always velocity)"""
     clip_sample: bool = True
@@ -774,7 +777,7 @@ def main(args: Args) -> None:
     cond_dim = args.obs_horizon * state_dim
     diffusion = Diffusion(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
                           prediction=args.prediction or None, clip_x0=1.0 if args.clip_sample else None,
-                          sde_solver=args.sde_solver)
+                          sde_solver=args.sde_solver, spacing=args.spacing)
     foundation_net = build_denoiser(args, action_dim, cond_dim).to(device)
     foundation = copy.deepcopy(foundation_net).requires_grad_(False)  # the EMA: the foundation used afterwards
     critic, value = TwinQ(state_dim, action_dim, args.critic_hidden).to(device), ValueNet(state_dim, args.critic_hidden).to(device)

@@ -2,7 +2,8 @@
 
 One `Diffusion` object fixes the forward process and the sampler:
 
-* `ddpm` / `ddim`: discrete VP schedule (cosine or linear) with `train_steps` noise levels; sampling may stride.
+* `ddpm` / `ddim`: discrete VP schedule (cosine or linear) with `train_steps` noise levels; sampling may stride,
+  evenly or (`spacing="quadratic"`, also for `fm`'s time grid) densest near the data.
   DDPM is the generalised DDIM step with eta = 1, i.e. the ancestral posterior q(x_{k'} | x_k, x0_hat).
 * `sm`: continuous linear VP-SDE, reverse-time SDE from t = 1 to t_min: by default its exponential-integrator
   discretisation (`sde_solver="exponential"`: each step draws from the exact Gaussian q(x_s | x_t, x0 = x0_hat), the
@@ -35,6 +36,7 @@ PREDICTIONS = ("eps", "x0", "velocity")
 SCHEDULES = ("cosine", "linear")
 FM_SOLVERS = ("euler", "heun")
 SDE_SOLVERS = ("exponential", "euler")
+SPACINGS = ("uniform", "quadratic")
 DISCRETE_SAMPLERS = ("ddpm", "ddim")
 CONTINUOUS_VP_SAMPLERS = ("sm", "dpm_solver++", "dpm_solver++_2s")
 DPM_SOLVERS = ("dpm_solver++", "dpm_solver++_2s")
@@ -147,6 +149,7 @@ class Diffusion:
         t_min: float = 1e-3,
         clip_x0: float | None = None,
         sde_solver: str = "exponential",
+        spacing: str = "uniform",
     ):
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -156,6 +159,8 @@ class Diffusion:
             raise UserError(f"unknown noise schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if fm_solver not in FM_SOLVERS:
             raise UserError(f"unknown fm solver {fm_solver!r}; choose one of {', '.join(FM_SOLVERS)}")
+        if spacing not in SPACINGS:
+            raise UserError(f"unknown step spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
         if sde_solver not in SDE_SOLVERS:
             raise UserError(f"unknown sde solver {sde_solver!r}; choose one of {', '.join(SDE_SOLVERS)}")
         if fm_solver != "euler" and sampler != "fm":
@@ -191,6 +196,7 @@ class Diffusion:
         self.t_min = t_min
         self.clip_x0 = clip_x0
         self.sde_solver = sde_solver
+        self.spacing = spacing
         self._alphas_cumprod_on: dict[torch.device, Tensor] = {}
         self._build_step_tables()
 
@@ -204,7 +210,15 @@ class Diffusion:
         if self.sampler in DISCRETE_SAMPLERS:
             make = cosine_alphas_cumprod if self.schedule == "cosine" else linear_alphas_cumprod
             self.alphas_cumprod = make(self.train_steps)
-            levels = torch.linspace(self.train_steps, 0, self.steps + 1, dtype=torch.float64).round().long()
+            if self.spacing == "quadratic":  # denser near the data, where first-order steps lose the most
+                fractions = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)[:-1] ** 2
+                levels = torch.cat([1 + (fractions * (self.train_steps - 1)).round().long(), torch.zeros(1).long()])
+                if not bool((levels[:-1] > levels[1:]).all()):
+                    needed = self.steps**2 // 3 + 2
+                    raise UserError(f"quadratic spacing of {self.steps} sampler steps needs about {needed} noise levels "
+                                    f"(train_steps) or more, got {self.train_steps}")
+            else:
+                levels = torch.linspace(self.train_steps, 0, self.steps + 1, dtype=torch.float64).round().long()
             self.step_levels = levels.tolist()  # discrete noise level k before each step, then 0
             alpha_bar = self.alphas_cumprod[levels]
             now, nxt = alpha_bar[:-1], alpha_bar[1:]
@@ -216,7 +230,8 @@ class Diffusion:
             self.step_std = std.tolist()
             return
         if self.sampler == "fm":
-            self.step_time = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64).tolist()
+            times = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
+            self.step_time = (times**2 if self.spacing == "quadratic" else times).tolist()
             self.step_std = [0.0] * self.steps
             return
         if self.sampler == "sm":

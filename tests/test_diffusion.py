@@ -118,7 +118,20 @@ SAMPLER_CASES = {
     "dpm_solver++ 25 steps": ("dpm_solver++", dict(steps=25)),
     "dpm_solver++ velocity-pred 15 steps": ("dpm_solver++", dict(steps=15, prediction="velocity")),
     "dpm_solver++_2s 201 steps": ("dpm_solver++_2s", dict(steps=201)),
+    "ddpm quadratic 150 of 8000 levels": ("ddpm", dict(steps=150, train_steps=8000, spacing="quadratic")),
+    "fm euler quadratic 100 steps": ("fm", dict(steps=100, spacing="quadratic")),
 }
+
+
+def test_quadratic_spacing_is_densest_near_the_data_and_needs_enough_levels():
+    levels = Diffusion("ddpm", 10, train_steps=100, spacing="quadratic").step_levels
+    assert levels[0] == 100 and levels[-1] == 0 and all(a > b for a, b in zip(levels, levels[1:]))
+    gaps = [a - b for a, b in zip(levels, levels[1:])]
+    assert gaps[0] > gaps[-2]  # wide steps at high noise, narrow ones near the data
+    times = Diffusion("fm", 4, spacing="quadratic").step_time
+    assert times == pytest.approx([1.0, 0.5625, 0.25, 0.0625, 0.0])
+    with pytest.raises(UserError, match="needs about 135 noise levels"):
+        Diffusion("ddpm", 20, train_steps=50, spacing="quadratic")
 
 
 @pytest.mark.parametrize("steps", [14, 15])
