@@ -156,7 +156,8 @@ class Args:
     group_size: int = 16
     """plans sampled per conditioning state (advantages, pairs and SFT ranking are per state)"""
     kl_coef: float = 0.0
-    """weight of the per-step KL to the reference model (rl and qvpg)"""
+    """divergence control: weight of the per-step KL to the reference (rl, qvpg), and for dpo of the squared
+    difference of the policy's and the reference's noise predictions (the KL of the two diffusions, unweighted)"""
     entropy_coef: float = 0.0
     """weight of a nearest-neighbour entropy bonus among a state's plans, added to the plan reward"""
     epochs_per_batch: int = 4
@@ -442,6 +443,9 @@ class PlanSpace:
         known = self.known(samples)
         return self.diffusion.eps_error(model, samples, None, t, noise, mask=~known, known=known)
 
+    def predicted_noise(self, model, samples, cond, t, noise) -> torch.Tensor:
+        return self.diffusion.predicted_noise(model, samples, None, t, noise, known=self.known(samples))
+
     def cascade_loss(self, cascade, targets, conditions, cond) -> torch.Tensor:
         known = random_prefix_masks(len(targets), self.shape[0], self.planner.state_dim, self.shape[1], self.device)
         return self.diffusion.loss(cascade, targets, conditions, mask=~known, known=known).mean()
@@ -575,19 +579,33 @@ def qvpg(space, policy, reference, optimizer, args) -> dict:
     return {"loss": loss.detach(), "reward": rewards.detach().mean(), "kl": kl_total.detach()}
 
 
-def dpo_loss(space, policy, reference, winners, losers, cond, beta: float, t=None, noise=None):
+def masked_mean(values: torch.Tensor, mask) -> torch.Tensor:
+    """Per-sample mean over the generated entries (all of them when `mask` is None) (B,)."""
+    if mask is None:
+        return values.flatten(1).mean(1)
+    return (values * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
+
+
+def dpo_loss(space, policy, reference, winners, losers, cond, beta: float, kl_coef: float = 0.0, t=None, noise=None):
     """Diffusion-DPO (DESIGN 4.4): -log sigmoid(-beta (d_theta - d_ref)), d = eps-error(winner) - eps-error(loser)
-    with the same t and noise for both members of a pair; returns (loss, implicit accuracy)."""
+    with the same t and noise for both members of a pair, plus kl_coef times the mean squared difference of the two
+    models' noise predictions (divergence control); returns (loss, implicit accuracy)."""
     pairs = winners.shape[0]
     t = space.diffusion.sample_train_time(pairs, winners.device) if t is None else t
     noise = torch.randn_like(winners) if noise is None else noise
     both, both_cond = torch.cat([winners, losers]), torch.cat([cond, cond])
     both_t, both_noise = torch.cat([t, t]), torch.cat([noise, noise])
-    errors = space.eps_error(policy, both, both_cond, both_t, both_noise)
+    predicted = space.predicted_noise(policy, both, both_cond, both_t, both_noise)
     with torch.no_grad():
-        reference_errors = space.eps_error(reference, both, both_cond, both_t, both_noise)
+        reference_predicted = space.predicted_noise(reference, both, both_cond, both_t, both_noise)
+    mask = space.free_mask(both)
+    errors = masked_mean((predicted - both_noise) ** 2, mask)
+    reference_errors = masked_mean((reference_predicted - both_noise) ** 2, mask)
     logits = -beta * ((errors[:pairs] - errors[pairs:]) - (reference_errors[:pairs] - reference_errors[pairs:]))
-    return -F.logsigmoid(logits).mean(), (logits > 0).float().mean()
+    loss = -F.logsigmoid(logits).mean()
+    if kl_coef > 0:
+        loss = loss + kl_coef * masked_mean((predicted - reference_predicted) ** 2, mask).mean()
+    return loss, (logits > 0).float().mean()
 
 
 def dpo(space, policy, reference, optimizer, args) -> dict:
@@ -608,7 +626,7 @@ def dpo(space, policy, reference, optimizer, args) -> dict:
         pair_cond = cond.repeat_interleave(half, 0).repeat(args.dpo_noise_draws, *[1] * (cond.dim() - 1))
     for _ in range(args.epochs_per_batch):  # fresh (t, noise) every epoch
         optimizer.zero_grad(set_to_none=True)
-        loss, accuracy = dpo_loss(space, policy, reference, winners, losers, pair_cond, args.dpo_beta)
+        loss, accuracy = dpo_loss(space, policy, reference, winners, losers, pair_cond, args.dpo_beta, args.kl_coef)
         loss.backward()
         clipped_step(optimizer, args.max_grad_norm)
     return {"loss": loss.detach(), "implicit_accuracy": accuracy, "reward": rewards.mean()}

@@ -167,7 +167,8 @@ class Args:
     group_size: int = 8
     """samples generated per conditioning state (advantages, pairs and rankings are within the group)"""
     kl_coef: float = 0.0
-    """weight of the per-step KL to the reference (rl, qvpg)"""
+    """divergence control: weight of the per-step KL to the reference (rl, qvpg), and for dpo of the squared
+    difference of the policy's and the reference's noise predictions (the KL of the two diffusions, unweighted)"""
     entropy_coef: float = 0.0
     """weight of a nearest-neighbour entropy bonus added to each sample's reward (counters narrowing)"""
     epochs_per_batch: int = 4
@@ -383,6 +384,9 @@ class ChunkSpace:
     def eps_error(self, model, samples, cond, t, noise) -> torch.Tensor:
         return self.diffusion.eps_error(model, samples, cond, t, noise)
 
+    def predicted_noise(self, model, samples, cond, t, noise) -> torch.Tensor:
+        return self.diffusion.predicted_noise(model, samples, cond, t, noise)
+
     def cascade_loss(self, cascade, targets, conditions, cond) -> torch.Tensor:
         return self.diffusion.loss(cascade, targets, torch.cat([cond, conditions.flatten(1)], 1)).mean()
 
@@ -515,19 +519,33 @@ def qvpg(space, policy, reference, optimizer, args) -> dict:
     return {"loss": loss.detach(), "reward": rewards.detach().mean(), "kl": kl_total.detach()}
 
 
-def dpo_loss(space, policy, reference, winners, losers, cond, beta: float, t=None, noise=None):
+def masked_mean(values: torch.Tensor, mask) -> torch.Tensor:
+    """Per-sample mean over the generated entries (all of them when `mask` is None) (B,)."""
+    if mask is None:
+        return values.flatten(1).mean(1)
+    return (values * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
+
+
+def dpo_loss(space, policy, reference, winners, losers, cond, beta: float, kl_coef: float = 0.0, t=None, noise=None):
     """Diffusion-DPO (DESIGN 4.4): -log sigmoid(-beta (d_theta - d_ref)), d = eps-error(winner) - eps-error(loser)
-    with the same t and noise for both members of a pair; returns (loss, implicit accuracy)."""
+    with the same t and noise for both members of a pair, plus kl_coef times the mean squared difference of the two
+    models' noise predictions (divergence control); returns (loss, implicit accuracy)."""
     pairs = winners.shape[0]
     t = space.diffusion.sample_train_time(pairs, winners.device) if t is None else t
     noise = torch.randn_like(winners) if noise is None else noise
     both, both_cond = torch.cat([winners, losers]), torch.cat([cond, cond])
     both_t, both_noise = torch.cat([t, t]), torch.cat([noise, noise])
-    errors = space.eps_error(policy, both, both_cond, both_t, both_noise)
+    predicted = space.predicted_noise(policy, both, both_cond, both_t, both_noise)
     with torch.no_grad():
-        reference_errors = space.eps_error(reference, both, both_cond, both_t, both_noise)
+        reference_predicted = space.predicted_noise(reference, both, both_cond, both_t, both_noise)
+    mask = space.free_mask(both)
+    errors = masked_mean((predicted - both_noise) ** 2, mask)
+    reference_errors = masked_mean((reference_predicted - both_noise) ** 2, mask)
     logits = -beta * ((errors[:pairs] - errors[pairs:]) - (reference_errors[:pairs] - reference_errors[pairs:]))
-    return -F.logsigmoid(logits).mean(), (logits > 0).float().mean()
+    loss = -F.logsigmoid(logits).mean()
+    if kl_coef > 0:
+        loss = loss + kl_coef * masked_mean((predicted - reference_predicted) ** 2, mask).mean()
+    return loss, (logits > 0).float().mean()
 
 
 def dpo(space, policy, reference, optimizer, args) -> dict:
@@ -548,7 +566,7 @@ def dpo(space, policy, reference, optimizer, args) -> dict:
         pair_cond = cond.repeat_interleave(half, 0).repeat(args.dpo_noise_draws, *[1] * (cond.dim() - 1))
     for _ in range(args.epochs_per_batch):  # fresh (t, noise) every epoch
         optimizer.zero_grad(set_to_none=True)
-        loss, accuracy = dpo_loss(space, policy, reference, winners, losers, pair_cond, args.dpo_beta)
+        loss, accuracy = dpo_loss(space, policy, reference, winners, losers, pair_cond, args.dpo_beta, args.kl_coef)
         loss.backward()
         clipped_step(optimizer, args.max_grad_norm)
     return {"loss": loss.detach(), "implicit_accuracy": accuracy, "reward": rewards.mean()}

@@ -336,9 +336,12 @@ class Diffusion:
 
     def eps_error(self, model, x0, cond, t, noise, *, mask=None, known=None) -> Tensor:
         """Per-sample mean of (eps - eps_hat)^2 (B,), with x0 / velocity outputs converted to the implied noise."""
+        return _masked_mean((self.predicted_noise(model, x0, cond, t, noise, known=known) - noise) ** 2, mask)
+
+    def predicted_noise(self, model, x0, cond, t, noise, *, known=None) -> Tensor:
+        """eps_hat of `model` at x_t = alpha_t x0 + sigma_t noise (known entries in-painted), whatever it predicts."""
         x_t = self._noisy_input(x0, t, noise, known)
-        eps_hat = self._predict_noise(model(x_t, t, cond), x_t, t)
-        return _masked_mean((eps_hat - noise) ** 2, mask)
+        return self._predict_noise(model(x_t, t, cond), x_t, t)
 
     def _predict_noise(self, prediction: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         if self.prediction == "eps":

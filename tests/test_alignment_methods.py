@@ -49,7 +49,7 @@ def chunk_space(diffusion, reward):
         conditions=lambda batch: torch.zeros(batch, 1),
         sample=lambda model, cond, n=1, **kwargs: diffusion.sample(model, (2, 1), cond, samples_per_cond=n, **kwargs),
         reward=reward, free_mask=lambda samples: None, step_distribution=diffusion.step_distribution,
-        eps_error=diffusion.eps_error, loss=diffusion.loss,
+        eps_error=diffusion.eps_error, predicted_noise=diffusion.predicted_noise, loss=diffusion.loss,
         dataset_samples=lambda batch: (torch.randn(batch, 2, 1), torch.zeros(batch, 1)))
 
 
@@ -82,13 +82,15 @@ def test_dpo_loss_is_log_2_when_the_model_equals_the_reference(sampler, lora_ran
     torch.manual_seed(0)
     foundation = MLPDenoiser(1, 2, 2, hidden=16, layers=2).requires_grad_(False)
     policy, reference = policy_with_reference(foundation, lora_rank=lora_rank, lora_alpha=8.0)
-    space = SimpleNamespace(diffusion=diffusion, eps_error=diffusion.eps_error)
+    space = SimpleNamespace(diffusion=diffusion, predicted_noise=diffusion.predicted_noise, free_mask=lambda x: None)
     winners, losers, cond = torch.randn(16, 2, 1), torch.randn(16, 2, 1), torch.randn(16, 2)
     loss, accuracy = dp_align.dpo_loss(space, policy, reference, winners, losers, cond, beta=100.0)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     assert accuracy.item() == 0.0  # logits are exactly 0: no pair is preferred yet
     loss.backward()  # and the loss has gradients for what alignment trains
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters() if p.requires_grad)
+    with_kl, _ = dp_align.dpo_loss(space, policy, reference, winners, losers, cond, beta=100.0, kl_coef=10.0)
+    assert with_kl.item() == pytest.approx(math.log(2), abs=1e-5)  # no divergence while the models agree
 
 
 class StepBias(nn.Module):
