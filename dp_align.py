@@ -236,8 +236,11 @@ class Args:
 # Nav1D: a small network and short stages so the default run takes minutes on a 2-core CPU.
 PRESETS: dict[str, dict] = {
     "nav1d": dict(
-        obs_horizon=1, pred_horizon=2, action_horizon=1, hidden=32, depth=2, heads=2, sample_steps=10, align_batch=32,
-        train_steps=10, foundation_steps=3000, critic_steps=4000, critic_hidden=128, expectile=0.9, eval_episodes=100,
+        obs_horizon=1, pred_horizon=2, action_horizon=1, hidden=32, depth=2, heads=2, align_batch=32,
+        # 20 quadratic-spaced steps of 200 levels: 10 even steps of 10 levels halved the spread of narrow data even
+        # with an exact denoiser, and SFT after RL then fell back (nav1d-full seed 0, rl,dpo,sft: rl 4.24 / sft 3.13
+        # with 10 even steps, 5.42 / 4.37 with 30, 5.58 / 6.02 with these)
+        sample_steps=20, train_steps=200, spacing="quadratic", dpo_beta=10.0, foundation_steps=3000, critic_steps=4000, critic_hidden=128, expectile=0.9, eval_episodes=100,
         save_every=1000, rl_steps=150, qvpg_steps=150, dpo_steps=150, sft_steps=150, cascade_steps=300,
         rl_lr=1e-3, qvpg_lr=1e-3, dpo_lr=1e-3, sft_lr=3e-4, cascade_lr=1e-3, online_critic_steps=500, cpu_threads=1,
     ),
