@@ -194,20 +194,25 @@ class Args:
     """Diffusion-DPO inverse temperature (errors are means over dims, so it is large for small windows)"""
     dpo_noise_draws: int = 4
     """(t, noise) draws per pair in every DPO step"""
+    dpo_pairs: Literal["halves", "best"] = "best"
+    """per state, the i-th best sample against the i-th worst (halves), or the best against every other (best: what
+    a best-of-N selection needs, the top of the distribution to improve)"""
     dpo_source: Literal["reference", "current"] = "reference"
     """sample the pairs from the DPO reference (the planner at the start of the DPO stage) or the current planner"""
     sft_steps: int = 1000
     """updates of the sft method"""
     sft_lr: float = 1e-5
     """Adam learning rate of the sft method"""
-    sft_top_fraction: float = 0.25
-    """fraction of each state's plans (highest reward first) proposed for fine-tuning"""
+    sft_top_fraction: float = 0.0625
+    """fraction of each state's plans (highest reward first) proposed for fine-tuning; 1/16: the plan a 16-candidate
+    planner executes"""
     sft_quantile: float = 0.9
     """likelihood threshold: a plan is accepted if its reference ELBO proxy is below this quantile of dataset windows"""
     sft_elbo_draws: int = 8
     """fixed (t, noise) draws of the ELBO proxy"""
-    sft_source: Literal["current", "reference", "both"] = "current"
-    """which model proposes SFT plans: the current planner, the reference, or half each"""
+    sft_source: Literal["reference", "current", "both"] = "reference"
+    """where SFT's candidates come from: its reference (the model as the SFT stage found it; a fixed target, so
+    SFT cannot feed on its own samples), the current model, or half each"""
     cascade_steps: int = 1000
     """updates of the cascade model"""
     cascade_lr: float = 1e-4
@@ -227,7 +232,10 @@ PRESETS = {
                   foundation_lr=1e-3, inverse_dynamics_steps=2000, inverse_dynamics_hidden=64, critic_steps=6000,
                   critic_hidden=64, expectile=0.9, eval_episodes=32, save_every=1000, align_batch=32,
                   rl_steps=60, qvpg_steps=60, dpo_steps=60, sft_steps=60, cascade_steps=150, rl_lr=1e-3,
-                  qvpg_lr=1e-3, lora_rank=8, online_critic_steps=1000, cpu_threads=1),
+                  qvpg_lr=1e-3, dpo_lr=3e-4, sft_lr=3e-4, lora_rank=8, online_critic_steps=1000, cpu_threads=1,
+                  # quadratic-spaced steps over 200 levels: 20 even steps of 20 levels shrink a narrow spread by a
+                  # third even with an exact denoiser (tests/test_preset_sampler_accuracy.py)
+                  train_steps=200, spacing="quadratic"),
     # The expert data covers a narrow band of actions, so Q is unreliable off it: without a KL to the reference, rl
     # took Diffuser-DDPM from 7.50 to 5.14 (coherency 0.92 -> 0.50, seed 0); with kl_coef 10, 7.50 -> 7.51 (0.93).
     "nav1d-expert": dict(kl_coef=10.0),
@@ -408,7 +416,7 @@ class PlanSpace:
             [offline["observations"], offline["actions"]], 1)  # the planner's x: states (dd) or states and actions
         self.diffusion, self.device = planner.diffusion, self.states.device
         self.shape = (args.horizon, planner.x_dim)
-        self.likelihood_threshold: tuple | None = None  # sft's, made once from the reference (see sft)
+        self.likelihood_threshold: tuple | None = None  # sft's (reference, threshold, draws), once per reference
 
     def conditions(self, batch: int) -> torch.Tensor:
         return self.states[torch.randint(0, len(self.states), (batch,), device=self.device)]
@@ -609,9 +617,10 @@ def dpo_loss(space, policy, reference, winners, losers, cond, beta: float, kl_co
 
 
 def dpo(space, policy, reference, optimizer, args) -> dict:
-    """DPO on pairs ranked by reward: per state, the i-th best sample wins against the i-th worst. The reference is
-    the model as the DPO stage found it (the foundation when DPO comes first, as Diffusion-DPO is published);
-    every pair is scored under dpo_noise_draws (t, noise) draws, for epochs_per_batch steps."""
+    """DPO on pairs ranked by reward: per state, the i-th best sample wins against the i-th worst (dpo_pairs halves)
+    or the best against every other one (best). The reference is the model as the DPO stage found it (the foundation
+    when DPO comes first, as Diffusion-DPO is published); every pair is scored under dpo_noise_draws (t, noise)
+    draws, for epochs_per_batch steps."""
     group, half = args.group_size, args.group_size // 2
     cond = space.conditions(args.align_batch)
     with torch.no_grad():
@@ -620,10 +629,14 @@ def dpo(space, policy, reference, optimizer, args) -> dict:
         order = rewards.argsort(dim=1, descending=True)
         grouped = samples.view(-1, group, *samples.shape[1:])
         rows = torch.arange(grouped.shape[0], device=samples.device)[:, None]
-        winners = grouped[rows, order[:, :half]].flatten(0, 1).repeat(args.dpo_noise_draws, *[1] * len(space.shape))
-        losers = grouped[rows, order.flip(1)[:, :half]].flatten(0, 1).repeat(args.dpo_noise_draws,
-                                                                              *[1] * len(space.shape))
-        pair_cond = cond.repeat_interleave(half, 0).repeat(args.dpo_noise_draws, *[1] * (cond.dim() - 1))
+        if args.dpo_pairs == "best":  # the best sample against every other one
+            winner_index, loser_index = order[:, :1].expand(-1, group - 1), order[:, 1:]
+        else:  # the i-th best against the i-th worst
+            winner_index, loser_index = order[:, :half], order.flip(1)[:, :half]
+        draws, sample_dims = args.dpo_noise_draws, [1] * len(space.shape)
+        winners = grouped[rows, winner_index].flatten(0, 1).repeat(draws, *sample_dims)
+        losers = grouped[rows, loser_index].flatten(0, 1).repeat(draws, *sample_dims)
+        pair_cond = cond.repeat_interleave(loser_index.shape[1], 0).repeat(draws, *[1] * (cond.dim() - 1))
     for _ in range(args.epochs_per_batch):  # fresh (t, noise) every epoch
         optimizer.zero_grad(set_to_none=True)
         loss, accuracy = dpo_loss(space, policy, reference, winners, losers, pair_cond, args.dpo_beta, args.kl_coef)
@@ -657,12 +670,13 @@ def likelihood_threshold(space, reference, args, dataset_samples: int = 1024) ->
 
 def sft(space, policy, reference, optimizer, args) -> dict:
     """SFT with a likelihood threshold (DESIGN 4.5): per state the top sft_top_fraction of the samples by reward,
-    those the frozen reference still finds likely (ELBO proxy under the dataset's sft_quantile), fine-tuned on with
-    the ordinary diffusion loss for epochs_per_batch steps."""
+    those the reference (the model as the SFT stage found it) still finds likely (ELBO proxy under the dataset's
+    sft_quantile, made once per reference), fine-tuned on with the ordinary diffusion loss for epochs_per_batch
+    steps."""
     group = args.group_size
-    if space.likelihood_threshold is None:
-        space.likelihood_threshold = likelihood_threshold(space, reference, args)
-    threshold, draws_t, draws_noise = space.likelihood_threshold
+    if space.likelihood_threshold is None or space.likelihood_threshold[0] is not reference:
+        space.likelihood_threshold = (reference, *likelihood_threshold(space, reference, args))
+    _, threshold, draws_t, draws_noise = space.likelihood_threshold
     cond = space.conditions(args.align_batch)
     keep = max(1, math.ceil(args.sft_top_fraction * group))
     sources = {"current": [(policy, group)], "reference": [(reference, group)],

@@ -205,6 +205,9 @@ class Args:
     """DPO inverse temperature on the eps-error differences (tune for low-dimensional data)"""
     dpo_noise_draws: int = 4
     """(t, noise) draws per pair in every DPO step"""
+    dpo_pairs: Literal["halves", "best"] = "halves"
+    """per state, the i-th best sample against the i-th worst (halves), or the best against every other (best: what
+    a best-of-N selection needs, the top of the distribution to improve)"""
     dpo_source: Literal["reference", "current"] = "reference"
     """sample the pairs from the DPO reference (the model at the start of the DPO stage) or the current model"""
     sft_steps: int = 1000
@@ -217,8 +220,9 @@ class Args:
     """accept a kept sample only if its reference ELBO proxy is below this quantile of the dataset's"""
     sft_elbo_draws: int = 8
     """fixed (t, noise) draws averaged in the ELBO proxy"""
-    sft_source: Literal["current", "reference", "both"] = "current"
-    """where the SFT candidates come from: the current model, the reference, or half each"""
+    sft_source: Literal["reference", "current", "both"] = "reference"
+    """where SFT's candidates come from: its reference (the model as the SFT stage found it; a fixed target, so
+    SFT cannot feed on its own samples), the current model, or half each"""
     cascade_steps: int = 1000
     """training steps of the cascade per pass"""
     cascade_lr: float = 1e-4
@@ -240,7 +244,8 @@ PRESETS: dict[str, dict] = {
         # 20 quadratic-spaced steps of 200 levels: 10 even steps of 10 levels halved the spread of narrow data even
         # with an exact denoiser, and SFT after RL then fell back (nav1d-full seed 0, rl,dpo,sft: rl 4.24 / sft 3.13
         # with 10 even steps, 5.42 / 4.37 with 30, 5.58 / 6.02 with these)
-        sample_steps=20, train_steps=200, spacing="quadratic", dpo_beta=10.0, foundation_steps=3000, critic_steps=4000, critic_hidden=128, expectile=0.9, eval_episodes=100,
+        sample_steps=20, train_steps=200, spacing="quadratic", dpo_beta=10.0, foundation_steps=3000,
+        critic_steps=4000, critic_hidden=128, expectile=0.9, eval_episodes=100,
         save_every=1000, rl_steps=150, qvpg_steps=150, dpo_steps=150, sft_steps=150, cascade_steps=300,
         rl_lr=1e-3, qvpg_lr=1e-3, dpo_lr=1e-3, sft_lr=3e-4, cascade_lr=1e-3, online_critic_steps=500, cpu_threads=1,
     ),
@@ -296,6 +301,12 @@ def validate(args: Args) -> list[str]:
 # ======================================================================================================================
 # Networks and data in model coordinates
 # ======================================================================================================================
+def make_diffusion(args: Args) -> Diffusion:
+    return Diffusion(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
+                     prediction=args.prediction or None, clip_x0=1.0 if args.clip_sample else None,
+                     sde_solver=args.sde_solver, spacing=args.spacing)
+
+
 def build_denoiser(args: Args, action_dim: int, cond_dim: int, extra_in_dim: int = 0) -> nn.Module:
     """The Diffusion Policy network over an action chunk (Tp, A), conditioned on the flattened observation history."""
     if args.backbone == "dit":
@@ -357,7 +368,7 @@ class ChunkSpace:
         self.args, self.diffusion, self.transitions, self.critic_target = args, diffusion, transitions, critic_target
         self.shape = (args.pred_horizon, action_dim)
         self.device = transitions.observations.device
-        self.likelihood_threshold: tuple | None = None  # sft's, made once from the reference (see sft)
+        self.likelihood_threshold: tuple | None = None  # sft's (reference, threshold, draws), once per reference
 
     def conditions(self, batch: int) -> torch.Tensor:
         index = torch.randint(0, len(self.transitions), (batch,), device=self.device)
@@ -552,9 +563,10 @@ def dpo_loss(space, policy, reference, winners, losers, cond, beta: float, kl_co
 
 
 def dpo(space, policy, reference, optimizer, args) -> dict:
-    """DPO on pairs ranked by reward: per state, the i-th best sample wins against the i-th worst. The reference is
-    the model as the DPO stage found it (the foundation when DPO comes first, as Diffusion-DPO is published);
-    every pair is scored under dpo_noise_draws (t, noise) draws, for epochs_per_batch steps."""
+    """DPO on pairs ranked by reward: per state, the i-th best sample wins against the i-th worst (dpo_pairs halves)
+    or the best against every other one (best). The reference is the model as the DPO stage found it (the foundation
+    when DPO comes first, as Diffusion-DPO is published); every pair is scored under dpo_noise_draws (t, noise)
+    draws, for epochs_per_batch steps."""
     group, half = args.group_size, args.group_size // 2
     cond = space.conditions(args.align_batch)
     with torch.no_grad():
@@ -563,10 +575,14 @@ def dpo(space, policy, reference, optimizer, args) -> dict:
         order = rewards.argsort(dim=1, descending=True)
         grouped = samples.view(-1, group, *samples.shape[1:])
         rows = torch.arange(grouped.shape[0], device=samples.device)[:, None]
-        winners = grouped[rows, order[:, :half]].flatten(0, 1).repeat(args.dpo_noise_draws, *[1] * len(space.shape))
-        losers = grouped[rows, order.flip(1)[:, :half]].flatten(0, 1).repeat(args.dpo_noise_draws,
-                                                                              *[1] * len(space.shape))
-        pair_cond = cond.repeat_interleave(half, 0).repeat(args.dpo_noise_draws, *[1] * (cond.dim() - 1))
+        if args.dpo_pairs == "best":  # the best sample against every other one
+            winner_index, loser_index = order[:, :1].expand(-1, group - 1), order[:, 1:]
+        else:  # the i-th best against the i-th worst
+            winner_index, loser_index = order[:, :half], order.flip(1)[:, :half]
+        draws, sample_dims = args.dpo_noise_draws, [1] * len(space.shape)
+        winners = grouped[rows, winner_index].flatten(0, 1).repeat(draws, *sample_dims)
+        losers = grouped[rows, loser_index].flatten(0, 1).repeat(draws, *sample_dims)
+        pair_cond = cond.repeat_interleave(loser_index.shape[1], 0).repeat(draws, *[1] * (cond.dim() - 1))
     for _ in range(args.epochs_per_batch):  # fresh (t, noise) every epoch
         optimizer.zero_grad(set_to_none=True)
         loss, accuracy = dpo_loss(space, policy, reference, winners, losers, pair_cond, args.dpo_beta, args.kl_coef)
@@ -600,12 +616,13 @@ def likelihood_threshold(space, reference, args, dataset_samples: int = 1024) ->
 
 def sft(space, policy, reference, optimizer, args) -> dict:
     """SFT with a likelihood threshold (DESIGN 4.5): per state the top sft_top_fraction of the samples by reward,
-    those the frozen reference still finds likely (ELBO proxy under the dataset's sft_quantile), fine-tuned on with
-    the ordinary diffusion loss for epochs_per_batch steps."""
+    those the reference (the model as the SFT stage found it) still finds likely (ELBO proxy under the dataset's
+    sft_quantile, made once per reference), fine-tuned on with the ordinary diffusion loss for epochs_per_batch
+    steps."""
     group = args.group_size
-    if space.likelihood_threshold is None:
-        space.likelihood_threshold = likelihood_threshold(space, reference, args)
-    threshold, draws_t, draws_noise = space.likelihood_threshold
+    if space.likelihood_threshold is None or space.likelihood_threshold[0] is not reference:
+        space.likelihood_threshold = (reference, *likelihood_threshold(space, reference, args))
+    _, threshold, draws_t, draws_noise = space.likelihood_threshold
     cond = space.conditions(args.align_batch)
     keep = max(1, math.ceil(args.sft_top_fraction * group))
     sources = {"current": [(policy, group)], "reference": [(reference, group)],
@@ -796,9 +813,7 @@ def main(args: Args) -> None:
     # ---- models, optimisers, data (everything a checkpoint may hold is built before resuming) ---------------------
     state_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
     cond_dim = args.obs_horizon * state_dim
-    diffusion = Diffusion(args.sampler, args.sample_steps, train_steps=args.train_steps, eta=args.eta,
-                          prediction=args.prediction or None, clip_x0=1.0 if args.clip_sample else None,
-                          sde_solver=args.sde_solver, spacing=args.spacing)
+    diffusion = make_diffusion(args)
     foundation_net = build_denoiser(args, action_dim, cond_dim).to(device)
     foundation = copy.deepcopy(foundation_net).requires_grad_(False)  # the EMA: the foundation used afterwards
     critic, value = TwinQ(state_dim, action_dim, args.critic_hidden).to(device), ValueNet(state_dim, args.critic_hidden).to(device)

@@ -205,9 +205,9 @@ def run_alignment(trainer: Trainer, args: Any, methods: list[str], updates: dict
                   online_policy: Callable[[torch.nn.Module | None], Callable], make_env: Callable,
                   retrain_critic: Callable[[str], None]) -> None:
     """The --align sequence, --passes times (DESIGN 4.7), as stages "pass{p}/{method}". Per stage: a fresh Adam over
-    what the method trains (the policy's adapters, or the cascade) at `{method}_lr`; DPO's reference, a frozen
-    snapshot of the policy as the stage finds it; `updates[method](space, trained, reference, optimizer, args)` for
-    `{method}_steps` steps; an evaluation `evaluate_model(cascade or None)` at the end (and every --eval-every steps),
+    what the method trains (the policy's adapters, or the cascade) at `{method}_lr`; DPO's and SFT's reference, a
+    frozen snapshot of the policy as the stage finds it; `updates[method](space, trained, reference, optimizer,
+    args)` for `{method}_steps` steps; an evaluation `evaluate_model(cascade or None)` at the end (and every --eval-every steps),
     with the cascade once a cascade stage has trained it. Before every pass after the first, with --online-episodes,
     a stage "pass{p}/online": episodes of `online_policy(cascade or None)` (an evaluate() policy) join
     trainer.state["online"] (once: a resumed stage finds them in the checkpoint), then `retrain_critic(stage)`."""
@@ -234,18 +234,18 @@ def run_alignment(trainer: Trainer, args: Any, methods: list[str], updates: dict
             optimizer = trainer.adopt_optimizer("align", torch.optim.Adam(
                 [p for p in trained.parameters() if p.requires_grad], lr=getattr(args, f"{method}_lr")), stage)
             method_reference = policy if method == "cascade" else reference  # the cascade refines the policy's samples
-            if method == "dpo":
+            if method in ("dpo", "sft"):
                 method_reference = copy.deepcopy(policy).requires_grad_(False)
                 if trainer.start_step(stage) > 0:  # resumed inside the stage: the snapshot it started from
-                    trainer.adopt_module("dpo_reference", method_reference)
-                trainer.models["dpo_reference"] = method_reference
+                    trainer.adopt_module("stage_reference", method_reference)
+                trainer.models["stage_reference"] = method_reference
             update = updates[method]
             for done in trainer.train(stage, getattr(args, f"{method}_steps"),
                                       lambda: update(space, trained, method_reference, optimizer, args), tag=method,
                                       optimizer=optimizer):
                 if args.eval_every and done % args.eval_every == 0:
                     trainer.log_eval(evaluate_model(cascade_now(method)), label=method)
-            trainer.models.pop("dpo_reference", None)
+            trainer.models.pop("stage_reference", None)
             trainer.record(stage, evaluate_model(cascade_now(method)))
             trainer.finish(stage)
     trainer.results.pop("aligned", None)  # a resumed run with more passes: the final entry goes last again

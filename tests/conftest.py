@@ -21,6 +21,17 @@ def minari_datasets_path(tmp_path_factory):
         os.environ["MINARI_DATASETS_PATH"] = previous
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of many small tensor ops: extra threads only contend on the shared 2-core test machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def repo_root():
     return REPO_ROOT

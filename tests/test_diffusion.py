@@ -26,13 +26,7 @@ NUM_SAMPLES = 50_000
 TOLERANCE = 0.03
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The batch ops here are tiny; extra threads only contend on the shared 2-core test machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(autouse=True)
