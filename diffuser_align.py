@@ -40,8 +40,8 @@ from common.nets import (InverseDynamics, TemporalUNet, TwinQ, ValueNet, count_p
                          load_foundation_into_cascade, policy_with_reference)
 from common.runtime import (UserError, apply_presets, cli, cuda_graphed, require, seeded, stage_stats, start_run,
                             use_cuda_graphs)
-from common.training import (CompiledModules, Trainer, action_latency_ms, check_loadable, require_same_data,
-                             run_alignment)
+from common.training import (CompiledModules, Trainer, action_latency_ms, check_loadable, method_sequence,
+                             require_same_data, run_alignment)
 
 SCRIPT = "diffuser_align"
 METHODS = ("rl", "qvpg", "dpo", "sft", "cascade")
@@ -221,6 +221,9 @@ class Args:
     """continuations per shared latent; every other continuation becomes a condition for the best one"""
     cascade_branch_fraction: float = 0.5
     """the shared latent is taken after this fraction of the denoising steps"""
+    cascade_align: str = "rl"
+    """methods (rl, qvpg, dpo, sft) that then align the cascade on its own plans, as the paper does, each for its
+    --{method}-steps at --cascade-lr ("" = pairs only)"""
     online_episodes: int = 0
     """episodes collected with the aligned planner between passes and added to the critic's data (0: offline)"""
     online_critic_steps: int = 10_000
@@ -243,14 +246,11 @@ PRESETS = {
 }
 
 
-def validate_args(args: Args) -> list[str]:
+def validate_args(args: Args) -> tuple[list[str], list[str]]:
     """Every argument mistake becomes a one-line UserError here, before data loading or training; returns the
-    alignment sequence."""
-    methods = [name.strip() for name in args.align.split(",") if name.strip()]
-    if not methods or any(name not in METHODS for name in methods):
-        raise UserError(f"--align takes a comma-separated sequence of {', '.join(METHODS)}, got {args.align!r}")
-    if len(set(methods)) < len(methods):
-        raise UserError(f"--align {args.align!r} names a method twice; repeat the sequence with --passes instead")
+    alignment sequence and the cascade's."""
+    methods = method_sequence(args.align, "--align", METHODS)
+    cascade_methods = method_sequence(args.cascade_align, "--cascade-align", METHODS[:-1], required=False)
     positive = ("sample_steps", "train_steps", "num_candidates", "batch_size", "critic_batch_size", "passes",
                 "align_batch", "eval_episodes", "save_every", "log_every", "sft_elbo_draws", "ppo_epochs", "qvpg_k",
                 "epochs_per_batch", "dpo_noise_draws", "inverse_dynamics_hidden", "critic_hidden")
@@ -282,10 +282,10 @@ def validate_args(args: Args) -> list[str]:
          "--train-steps must be >= --sample-steps"),
     ]
     require(checks)
-    if "rl" in methods and not make_diffusion(args).stochastic:
-        raise UserError(f"--align rl needs a stochastic sampler (step likelihoods); --sampler {args.sampler} with these "
-                        "settings is deterministic: use qvpg instead, or --sampler ddim --eta 1.0")
-    return methods
+    if "rl" in methods + cascade_methods and not make_diffusion(args).stochastic:
+        raise UserError(f"--align/--cascade-align rl needs a stochastic sampler (step likelihoods); --sampler "
+                        f"{args.sampler} with these settings is deterministic: use qvpg instead, or --sampler ddim --eta 1.0")
+    return methods, cascade_methods
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,11 +355,11 @@ class Planner:
         return self.diffusion.sample(model if model is not None else self.denoiser, batch_shape, None, inpaint_mask=known,
                                      inpaint_values=values, **sample_kwargs)
 
-    def refine(self, plans, cascade):
-        """One pass through the cascade model: a new plan conditioned on each given plan (same current state)."""
+    def refine(self, plans, cascade, n: int = 1, **sample_kwargs) -> SampleOutput:
+        """`n` new plans per given plan from the cascade model, conditioned on it (same current state)."""
         known, values = inpaint_current_state(plans[:, 0, : self.state_dim], self.horizon, self.x_dim, 1)
-        return self.diffusion.sample(cascade, (self.horizon, self.x_dim), plans, inpaint_mask=known,
-                                     inpaint_values=values).x0
+        return self.diffusion.sample(cascade, (self.horizon, self.x_dim), plans, samples_per_cond=n,
+                                     inpaint_mask=known, inpaint_values=values, **sample_kwargs)
 
     def states_actions(self, plans):
         """(B, H, S) states and (B, H-1 or H, A) actions of plans; dd reads actions off g(s_t, s_{t+1})."""
@@ -391,7 +391,7 @@ class Planner:
     def _act(self, states, denoiser, cascade):
         plans = self.sample(states, self.num_plans, model=denoiser).x0
         if cascade is not None:
-            plans = self.refine(plans, cascade)
+            plans = self.refine(plans, cascade).x0
         best = select_best_plans(self.rewards(plans), self.num_plans)
         chosen = plans.view(states.shape[0], self.num_plans, self.horizon, self.x_dim)[
             torch.arange(len(states), device=plans.device), best]
@@ -440,23 +440,54 @@ class PlanSpace:
     def free_mask(self, samples: torch.Tensor) -> torch.Tensor:
         return (~self.known(samples)).float()
 
+    def model_condition(self, cond):
+        """What the denoiser is called with: nothing (the state is in-painted into the plan)."""
+        return None
+
     def step_distribution(self, model, x: torch.Tensor, step: int, cond):
-        return self.diffusion.step_distribution(model, x, step, None)
+        return self.diffusion.step_distribution(model, x, step, self.model_condition(cond))
 
     def loss(self, model, samples: torch.Tensor, cond) -> torch.Tensor:
         known = random_prefix_masks(len(samples), self.shape[0], self.planner.state_dim, self.shape[1], self.device)
-        return self.diffusion.loss(model, samples, None, mask=~known, known=known)
+        return self.diffusion.loss(model, samples, self.model_condition(cond), mask=~known, known=known)
 
     def eps_error(self, model, samples, cond, t, noise) -> torch.Tensor:
         known = self.known(samples)
-        return self.diffusion.eps_error(model, samples, None, t, noise, mask=~known, known=known)
+        return self.diffusion.eps_error(model, samples, self.model_condition(cond), t, noise, mask=~known, known=known)
 
     def predicted_noise(self, model, samples, cond, t, noise) -> torch.Tensor:
-        return self.diffusion.predicted_noise(model, samples, None, t, noise, known=self.known(samples))
+        return self.diffusion.predicted_noise(model, samples, self.model_condition(cond), t, noise,
+                                              known=self.known(samples))
 
     def cascade_loss(self, cascade, targets, conditions, cond) -> torch.Tensor:
         known = random_prefix_masks(len(targets), self.shape[0], self.planner.state_dim, self.shape[1], self.device)
         return self.diffusion.loss(cascade, targets, conditions, mask=~known, known=known).mean()
+
+
+class CascadePlanSpace(PlanSpace):
+    """The cascade's sample space for its own alignment (DESIGN 4.6): a condition is a plan the policy `upstream`
+    drew (its step-0 state is the current state), which the cascade model takes as extra input channels."""
+
+    def __init__(self, args: Args, planner: Planner, offline: dict[str, torch.Tensor], upstream):
+        super().__init__(args, planner, offline)
+        self.upstream = upstream
+
+    @torch.no_grad()
+    def upstream_plans(self, states: torch.Tensor) -> torch.Tensor:
+        return self.planner.sample(states, 1, model=self.upstream).x0
+
+    def conditions(self, batch: int) -> torch.Tensor:
+        return self.upstream_plans(super().conditions(batch))
+
+    def dataset_samples(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        plans, states = super().dataset_samples(batch)
+        return plans, self.upstream_plans(states)
+
+    def sample(self, model, cond: torch.Tensor, n: int = 1, **kwargs) -> SampleOutput:
+        return self.planner.refine(cond, model, n, **kwargs)
+
+    def model_condition(self, cond):
+        return cond
 
 
 # ======================================================================================================================
@@ -823,7 +854,7 @@ def evaluate_planner(planner: Planner, data, normalizer: Normalizer, cascade: nn
 # ======================================================================================================================
 def main(args: Args) -> None:
     from_presets = apply_presets(args, PRESETS)
-    methods = validate_args(args)
+    methods, cascade_methods = validate_args(args)
     loaded = {stage: check_loadable(path, SCRIPT, stage)
               for stage, path in (("foundation", args.load_foundation), ("critic", args.load_critic)) if path}
     data = load_offline_data(args.env)
@@ -921,8 +952,10 @@ def main(args: Args) -> None:
         transitions = model_transitions(data, normalizer, trainer.state["online"], device)
         critic_stage(stage, args.online_critic_steps)
 
-    run_alignment(trainer, args, methods, {"rl": rl, "qvpg": qvpg, "dpo": dpo, "sft": sft, "cascade": cascade}, space,
-                  policy, reference, cascade_model, lambda cascade: evaluate_planner(planner, data, normalizer, cascade, args),
+    run_alignment(trainer, args, methods, cascade_methods,
+                  {"rl": rl, "qvpg": qvpg, "dpo": dpo, "sft": sft, "cascade": cascade}, space,
+                  lambda: CascadePlanSpace(args, planner, offline, policy), policy, reference, cascade_model,
+                  lambda cascade: evaluate_planner(planner, data, normalizer, cascade, args),
                   lambda cascade: PlanningPolicy(planner, data, normalizer, cascade), data.make_env, retrain_critic)
     trainer.write_summary(SCRIPT, args, data.family)
     run.close()

@@ -40,8 +40,8 @@ from common.nets import (DiT1d, MLPDenoiser, TwinQ, ValueNet, count_parameters, 
                          policy_with_reference)
 from common.runtime import (UserError, apply_presets, cli, cuda_graphed, require, seeded, stage_stats, start_run,
                             use_cuda_graphs)
-from common.training import (CompiledModules, Trainer, action_latency_ms, check_loadable, require_same_data,
-                             run_alignment)
+from common.training import (CompiledModules, Trainer, action_latency_ms, check_loadable, method_sequence,
+                             require_same_data, run_alignment)
 
 SCRIPT = "dp_align"
 METHODS = ("rl", "qvpg", "dpo", "sft", "cascade")
@@ -231,6 +231,9 @@ class Args:
     """continuations branched from each shared latent"""
     cascade_branch_fraction: float = 0.5
     """the shared latent is taken after this fraction of the denoising steps"""
+    cascade_align: str = "rl"
+    """methods (rl, qvpg, dpo, sft) that then align the cascade on its own samples, as the paper does, each for its
+    --{method}-steps at --cascade-lr ("" = pairs only)"""
     online_episodes: int = 0
     """episodes collected with the current model before every pass after the first (0 = offline only)"""
     online_critic_steps: int = 1000
@@ -255,17 +258,13 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def validate(args: Args) -> list[str]:
-    """Every argument check, before any work; returns the alignment sequence."""
-    methods = [name.strip() for name in args.align.split(",") if name.strip()]
-    unknown = [name for name in methods if name not in METHODS]
-    if unknown or not methods:
-        raise UserError(f"--align takes a comma-separated sequence of {', '.join(METHODS)}, got {args.align!r}")
-    if len(set(methods)) < len(methods):
-        raise UserError(f"--align {args.align!r} names a method twice; repeat the sequence with --passes instead")
+def validate(args: Args) -> tuple[list[str], list[str]]:
+    """Every argument check, before any work; returns the alignment sequence and the cascade's."""
+    methods = method_sequence(args.align, "--align", METHODS)
+    cascade_methods = method_sequence(args.cascade_align, "--cascade-align", METHODS[:-1], required=False)
     deterministic = args.sampler == "fm" or (args.sampler == "ddim" and args.eta == 0)
-    if "rl" in methods and deterministic:
-        raise UserError(f"--align rl needs a stochastic sampler but '{args.sampler}' (eta={args.eta}) is "
+    if "rl" in methods + cascade_methods and deterministic:
+        raise UserError(f"--align/--cascade-align rl needs a stochastic sampler but '{args.sampler}' (eta={args.eta}) is "
                         "deterministic; use --align qvpg, or --sampler ddim --eta 0.5 (or ddpm/sm)")
     positive = ("obs_horizon", "pred_horizon", "action_horizon", "sample_steps", "train_steps", "batch_size",
                 "critic_batch_size", "num_candidates", "passes", "align_batch", "epochs_per_batch", "dpo_noise_draws",
@@ -295,7 +294,7 @@ def validate(args: Args) -> list[str]:
         (args.sampler != "fm" or args.prediction in ("", "velocity"), "--sampler fm predicts velocity; drop --prediction"),
     ]
     require(checks)
-    return methods
+    return methods, cascade_methods
 
 
 # ======================================================================================================================
@@ -403,6 +402,30 @@ class ChunkSpace:
 
     def cascade_loss(self, cascade, targets, conditions, cond) -> torch.Tensor:
         return self.diffusion.loss(cascade, targets, torch.cat([cond, conditions.flatten(1)], 1)).mean()
+
+
+class CascadeChunkSpace(ChunkSpace):
+    """The cascade's sample space for its own alignment (DESIGN 4.6): a condition is [observation history, a chunk
+    the policy `upstream` drew for it], which is how CascadeDenoiser takes it; samples and rewards are ChunkSpace's."""
+
+    def __init__(self, space: ChunkSpace, upstream):
+        super().__init__(space.args, space.diffusion, space.transitions, space.critic_target, space.shape[1])
+        self.upstream = upstream
+        self.history_dim = space.args.obs_horizon * space.transitions.observations.shape[1]
+
+    @torch.no_grad()
+    def with_upstream_chunk(self, history: torch.Tensor) -> torch.Tensor:
+        return torch.cat([history, super().sample(self.upstream, history).x0.flatten(1)], 1)
+
+    def conditions(self, batch: int) -> torch.Tensor:
+        return self.with_upstream_chunk(super().conditions(batch))
+
+    def dataset_samples(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunks, history = super().dataset_samples(batch)
+        return chunks, self.with_upstream_chunk(history)
+
+    def reward(self, cond: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+        return super().reward(cond[:, : self.history_dim], samples)
 
 
 # ======================================================================================================================
@@ -798,7 +821,7 @@ def evaluate_policy(policy: RecedingHorizonPolicy, data, args: Args) -> dict:
 # ======================================================================================================================
 def main(args: Args) -> None:
     from_presets = apply_presets(args, PRESETS)
-    methods = validate(args)
+    methods, cascade_methods = validate(args)
     loaded = {stage: check_loadable(path, SCRIPT, stage)
               for stage, path in (("foundation", args.load_foundation), ("critic", args.load_critic)) if path}
     data = load_offline_data(args.env)
@@ -889,8 +912,9 @@ def main(args: Args) -> None:
                                                                           device))
         critic_stage(stage, args.online_critic_steps)
 
-    run_alignment(trainer, args, methods, {"rl": rl, "qvpg": qvpg, "dpo": dpo, "sft": sft, "cascade": cascade}, space,
-                  policy, reference, cascade_model,
+    run_alignment(trainer, args, methods, cascade_methods,
+                  {"rl": rl, "qvpg": qvpg, "dpo": dpo, "sft": sft, "cascade": cascade}, space,
+                  lambda: CascadeChunkSpace(space, policy), policy, reference, cascade_model,
                   lambda cascade_model: evaluate_policy(evaluation_policy(policy, cascade_model), data, args),
                   lambda cascade_model: evaluation_policy(policy, cascade_model), data.make_env, retrain_critic)
     trainer.write_summary(SCRIPT, args, data.family)

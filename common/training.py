@@ -199,21 +199,64 @@ class Trainer:
         print(f"summary: {self.run.run_dir / 'summary.json'}")
 
 
-def run_alignment(trainer: Trainer, args: Any, methods: list[str], updates: dict[str, Callable], space: Any,
-                  policy: torch.nn.Module, reference: torch.nn.Module, cascade_model: torch.nn.Module | None,
+def method_sequence(text: str, flag: str, allowed: tuple[str, ...], required: bool = True) -> list[str]:
+    """The comma-separated methods of `flag` (--align, --cascade-align) as a list; a UserError for an unknown or
+    repeated name, or for an empty list where one is `required`."""
+    methods = [name.strip() for name in text.split(",") if name.strip()]
+    if any(name not in allowed for name in methods) or (required and not methods):
+        raise UserError(f"{flag} takes a comma-separated sequence of {', '.join(allowed)}, got {text!r}")
+    if len(set(methods)) < len(methods):
+        raise UserError(f"{flag} {text!r} names a method twice; repeat the sequence with --passes instead")
+    return methods
+
+
+def run_alignment(trainer: Trainer, args: Any, methods: list[str], cascade_methods: list[str],
+                  updates: dict[str, Callable], space: Any, cascade_space: Callable[[], Any], policy: torch.nn.Module,
+                  reference: torch.nn.Module, cascade_model: torch.nn.Module | None,
                   evaluate_model: Callable[[torch.nn.Module | None], dict],
                   online_policy: Callable[[torch.nn.Module | None], Callable], make_env: Callable,
                   retrain_critic: Callable[[str], None]) -> None:
     """The --align sequence, --passes times (DESIGN 4.7), as stages "pass{p}/{method}". Per stage: a fresh Adam over
-    what the method trains (the policy's adapters, or the cascade) at `{method}_lr`; DPO's and SFT's reference, a
-    frozen snapshot of the policy as the stage finds it; `updates[method](space, trained, reference, optimizer,
-    args)` for `{method}_steps` steps; an evaluation `evaluate_model(cascade or None)` at the end (and every --eval-every steps),
-    with the cascade once a cascade stage has trained it. Before every pass after the first, with --online-episodes,
-    a stage "pass{p}/online": episodes of `online_policy(cascade or None)` (an evaluate() policy) join
-    trainer.state["online"] (once: a resumed stage finds them in the checkpoint), then `retrain_critic(stage)`."""
-    def cascade_now(method: str = ""):
-        trained = method == "cascade" or any(stage.endswith("/cascade") for stage in trainer.done)
+    what the method trains (the policy's adapters at `{method}_lr`, or the cascade at cascade_lr); DPO's and SFT's
+    reference, a frozen snapshot of the policy as the stage finds it; `updates[method](space, trained, reference,
+    optimizer, args)` for `{method}_steps` steps; an evaluation `evaluate_model(cascade or None)` at the end (and every
+    --eval-every steps), with the cascade once a cascade stage has trained it.
+
+    The cascade (DESIGN 4.6) first learns from consistent pairs of the policy's samples ("pass{p}/cascade"), then
+    goes through "the same alignment process" as the policy: each of `cascade_methods` trains it in
+    `cascade_space()`, whose conditions carry a sample of the policy to improve, with the cascade as the stage found
+    it as the reference ("pass{p}/cascade/{method}").
+
+    Before every pass after the first, with --online-episodes, a stage "pass{p}/online": episodes of
+    `online_policy(cascade or None)` (an evaluate() policy) join trainer.state["online"] (once: a resumed stage finds
+    them in the checkpoint), then `retrain_critic(stage)`."""
+    def cascade_now(training_cascade: bool = False):
+        trained = training_cascade or any("/cascade" in stage for stage in trainer.done)
         return cascade_model if trained else None
+
+    def align_stage(stage: str, method: str, trained: torch.nn.Module, stage_space: Any,
+                    method_reference: torch.nn.Module | None) -> None:
+        """One stage; `method_reference` None: a frozen snapshot of `trained` as the stage finds it."""
+        if stage in trainer.done:
+            return
+        training_cascade = trained is cascade_model
+        lr = args.cascade_lr if training_cascade else getattr(args, f"{method}_lr")
+        optimizer = trainer.adopt_optimizer("align", torch.optim.Adam(
+            [p for p in trained.parameters() if p.requires_grad], lr=lr), stage)
+        if method_reference is None:
+            method_reference = copy.deepcopy(trained).requires_grad_(False)
+            if trainer.start_step(stage) > 0:  # resumed inside the stage: the snapshot it started from
+                trainer.adopt_module("stage_reference", method_reference)
+            trainer.models["stage_reference"] = method_reference
+        update = updates[method]
+        for done in trainer.train(stage, getattr(args, f"{method}_steps"),
+                                  lambda: update(stage_space, trained, method_reference, optimizer, args), tag=method,
+                                  optimizer=optimizer):
+            if args.eval_every and done % args.eval_every == 0:
+                trainer.log_eval(evaluate_model(cascade_now(training_cascade)), label=method)
+        trainer.models.pop("stage_reference", None)
+        trainer.record(stage, evaluate_model(cascade_now(training_cascade)))
+        trainer.finish(stage)
 
     for alignment_pass in range(1, args.passes + 1):
         stage = f"pass{alignment_pass}/online"
@@ -228,28 +271,18 @@ def run_alignment(trainer: Trainer, args: Any, methods: list[str], updates: dict
             retrain_critic(stage)
         for method in methods:
             stage = f"pass{alignment_pass}/{method}"
-            if stage in trainer.done:
+            if method != "cascade":
+                snapshot = method in ("dpo", "sft")
+                align_stage(stage, method, policy, space, None if snapshot else reference)
                 continue
-            trained = cascade_model if method == "cascade" else policy
-            optimizer = trainer.adopt_optimizer("align", torch.optim.Adam(
-                [p for p in trained.parameters() if p.requires_grad], lr=getattr(args, f"{method}_lr")), stage)
-            method_reference = policy if method == "cascade" else reference  # the cascade refines the policy's samples
-            if method in ("dpo", "sft"):
-                method_reference = copy.deepcopy(policy).requires_grad_(False)
-                if trainer.start_step(stage) > 0:  # resumed inside the stage: the snapshot it started from
-                    trainer.adopt_module("stage_reference", method_reference)
-                trainer.models["stage_reference"] = method_reference
-            update = updates[method]
-            for done in trainer.train(stage, getattr(args, f"{method}_steps"),
-                                      lambda: update(space, trained, method_reference, optimizer, args), tag=method,
-                                      optimizer=optimizer):
-                if args.eval_every and done % args.eval_every == 0:
-                    trainer.log_eval(evaluate_model(cascade_now(method)), label=method)
-            trainer.models.pop("stage_reference", None)
-            trainer.record(stage, evaluate_model(cascade_now(method)))
-            trainer.finish(stage)
+            align_stage(stage, "cascade", cascade_model, space, policy)  # pairs of the policy's samples
+            for cascade_method in cascade_methods:
+                align_stage(f"{stage}/{cascade_method}", cascade_method, cascade_model, cascade_space(), None)
+    last = f"pass{args.passes}/{methods[-1]}"
+    if methods[-1] == "cascade" and cascade_methods:
+        last += f"/{cascade_methods[-1]}"
     trainer.results.pop("aligned", None)  # a resumed run with more passes: the final entry goes last again
-    trainer.results["aligned"] = dict(trainer.results[f"pass{args.passes}/{methods[-1]}"])
+    trainer.results["aligned"] = dict(trainer.results[last])
 
 
 def check_loadable(path: str, script: str, stage: str) -> dict:

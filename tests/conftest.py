@@ -74,3 +74,11 @@ def make_tiny_hopper_dataset(dataset_id: str, episodes: int = 10, steps: int = 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return minari.create_dataset_from_buffers(dataset_id, buffers, env="Hopper-v5", algorithm_name="random")
+
+
+def alignment_stages(options: list[str]) -> list[str]:
+    """The stages of one pass: the --align methods, the cascade followed by its --cascade-align methods (rl)."""
+    cascade_align = options[options.index("--cascade-align") + 1] if "--cascade-align" in options else "rl"
+    return [stage for method in options[options.index("--align") + 1].split(",")
+            for stage in [method] + ([f"cascade/{m}" for m in cascade_align.split(",") if m]
+                                     if method == "cascade" else [])]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import diffuser_align as da
-from conftest import make_tiny_hopper_dataset
+from conftest import alignment_stages, make_tiny_hopper_dataset
 from common.nets import TemporalUNet, TwinQ, inject_lora, lora_disabled
 from common.runtime import UserError
 
@@ -184,6 +184,8 @@ def test_cascade_equals_the_foundation_at_initialisation():
     (dict(horizon=12), "power of two"),
     (dict(align="rl,ppo"), "--align takes"),
     (dict(align="dpo,dpo"), "names a method twice"),
+    (dict(sampler="fm", align="cascade"), "--cascade-align rl"),
+    (dict(align="cascade", cascade_align="sft,sft"), "--cascade-align 'sft,sft' names a method twice"),
     (dict(group_size=1), "--group-size"),
     (dict(dpo_beta=0.0), "--dpo-beta"),
     (dict(cascade_branch_fraction=1.0), "--cascade-branch-fraction"),
@@ -191,7 +193,8 @@ def test_cascade_equals_the_foundation_at_initialisation():
 def test_bad_arguments_are_user_errors(overrides, message):
     with pytest.raises(UserError, match=message):
         da.validate_args(da.Args(**overrides))
-    assert da.validate_args(da.Args(sampler="ddim", eta=1.0, align="rl")) == ["rl"]
+    assert da.validate_args(da.Args(sampler="ddim", eta=1.0, align="rl,cascade", cascade_align="dpo,sft")) == (
+        ["rl", "cascade"], ["dpo", "sft"])
 
 
 @pytest.mark.parametrize("flag,value", [("--planner", "decision"), ("--sampler", "dpm_solver++")])
@@ -227,11 +230,13 @@ SMOKE_CASES = {  # one run per planner x sampler, covering every method it suppo
                       "--credit", "similarity", "--kl-coef", "0.1", "--entropy-coef", "0.01", "--passes", "2",
                       "--online-episodes", "1", "--online-critic-steps", "3", "--eval-every", "1"],
     "diffuser-ddim": ["--planner", "diffuser", "--sampler", "ddim", "--align", "qvpg,dpo,sft,cascade",
+                      "--cascade-align", "qvpg,dpo,sft",
                       "--lora-rank", "0", "--plan-reward", "mean", "--kl-coef", "0.1"],
     "diffuser-ddim-eta": ["--planner", "diffuser", "--sampler", "ddim", "--eta", "1.0", "--align", "rl"],
     "diffuser-sm": ["--planner", "diffuser", "--sampler", "sm", "--align", "rl,qvpg,dpo,sft,cascade",
+                    "--cascade-align", "rl,sft",
                     "--rl-algo", "reinforce", "--credit", "decay", "--sft-source", "reference"],
-    "diffuser-fm": ["--planner", "diffuser", "--sampler", "fm", "--align", "qvpg,dpo,sft,cascade",
+    "diffuser-fm": ["--planner", "diffuser", "--sampler", "fm", "--align", "qvpg,dpo,sft,cascade", "--cascade-align", "",
                     "--qvpg-random-k"],
     "dd-ddpm": ["--planner", "dd", "--sampler", "ddpm", "--align", "rl,qvpg,dpo,sft,cascade", "--plan-reward", "mean"],
 }
@@ -243,9 +248,9 @@ def test_smoke_run_every_planner_sampler_and_method(tmp_path, case):
     result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(run_dir), *TINY, *SMOKE_CASES[case])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = summary_of(run_dir)
-    methods = SMOKE_CASES[case][SMOKE_CASES[case].index("--align") + 1].split(",")
     passes = 2 if "--passes" in SMOKE_CASES[case] else 1
-    expected = {"foundation", "aligned"} | {f"pass{p}/{m}" for p in range(1, passes + 1) for m in methods}
+    expected = {"foundation", "aligned"} | {f"pass{p}/{stage}" for p in range(1, passes + 1)
+                                            for stage in alignment_stages(SMOKE_CASES[case])}
     assert set(summary["stages"]) == expected
     assert set(summary["coherency"]) == expected
     assert all(0.0 <= value <= 1.0 for value in summary["coherency"].values())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dp_align
-from conftest import make_tiny_hopper_dataset
+from conftest import alignment_stages, make_tiny_hopper_dataset
 from common.diffusion import Diffusion
 from common.nets import MLPDenoiser, lora_parameters, policy_with_reference
 
@@ -103,6 +103,8 @@ def test_deterministic_sampler_with_rl_exits_2_with_one_line_before_any_work(tmp
     (dict(align="rl,magic"), "--align takes"),
     (dict(align=""), "--align takes"),
     (dict(align="rl,dpo,rl"), "names a method twice"),
+    (dict(sampler="fm", align="qvpg,cascade"), "--cascade-align rl"),
+    (dict(align="cascade", cascade_align="rl,cascade"), "--cascade-align takes"),
     (dict(qvpg_k=99), "--qvpg-k"),
     (dict(sft_quantile=0.0), "--sft-quantile"),
     (dict(group_size=1), "--group-size"),
@@ -111,7 +113,7 @@ def test_deterministic_sampler_with_rl_exits_2_with_one_line_before_any_work(tmp
 def test_argument_validation(fields, needle):
     args = dp_align.Args(**fields)
     if needle is None:
-        assert dp_align.validate(args) == ["rl"]
+        assert dp_align.validate(args) == (["rl"], ["rl"])
     else:
         with pytest.raises(dp_align.UserError, match=needle):
             dp_align.validate(args)
@@ -123,12 +125,12 @@ def test_argument_validation(fields, needle):
 SMOKE_RUNS = {
     "ddpm": ["--align", "rl,qvpg,dpo,sft,cascade", "--credit", "similarity", "--kl-coef", "0.1",
              "--entropy-coef", "0.1", "--selection", "idql"],
-    "ddim": ["--align", "qvpg,dpo,sft,cascade", "--qvpg-random-k", "--kl-coef", "0.1", "--backbone", "mlp",
+    "ddim": ["--align", "qvpg,dpo,sft,cascade", "--cascade-align", "qvpg,dpo,sft", "--qvpg-random-k", "--kl-coef", "0.1", "--backbone", "mlp",
              "--selection", "softmax", "--lora-rank", "0"],
     "ddim-eta": ["--sampler", "ddim", "--eta", "0.5", "--align", "rl,cascade", "--rl-algo", "reinforce",
                  "--credit", "decay", "--passes", "2", "--online-episodes", "3", "--online-critic-steps", "2"],
     "sm": ["--align", "rl,qvpg,dpo,sft,cascade", "--sft-source", "reference", "--prediction", "x0"],
-    "fm": ["--align", "qvpg,dpo,sft,cascade", "--kl-coef", "0.1", "--obs-horizon", "2", "--pred-horizon", "4",
+    "fm": ["--align", "qvpg,dpo,sft,cascade", "--cascade-align", "", "--kl-coef", "0.1", "--obs-horizon", "2", "--pred-horizon", "4",
            "--action-horizon", "2"],
 }
 
@@ -140,10 +142,10 @@ def test_smoke_run(tmp_path, name):
     result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(run_dir), "--sampler", sampler, *TINY,
                         *SMOKE_RUNS[name])
     assert result.returncode == 0, result.stderr[-3000:]
-    methods = SMOKE_RUNS[name][SMOKE_RUNS[name].index("--align") + 1].split(",")
     passes = 2 if "--passes" in SMOKE_RUNS[name] else 1
     stages = summary(run_dir)["stages"]
-    expected = ["foundation"] + [f"pass{p}/{m}" for p in range(1, passes + 1) for m in methods] + ["aligned"]
+    expected = ["foundation"] + [f"pass{p}/{stage}" for p in range(1, passes + 1)
+                                 for stage in alignment_stages(SMOKE_RUNS[name])] + ["aligned"]
     assert list(stages) == expected
     for stats in stages.values():
         assert np.isfinite(stats["return_mean"]) and 0 <= stats["coherency"] <= 1 and stats["episodes"] == 4
