@@ -40,8 +40,8 @@ from common.nets import (InverseDynamics, TemporalUNet, TwinQ, ValueNet, count_p
                          load_foundation_into_cascade, policy_with_reference)
 from common.runtime import (UserError, apply_presets, cli, cuda_graphed, require, seeded, stage_stats, start_run,
                             use_cuda_graphs)
-from common.training import (CompiledModules, Trainer, action_latency_ms, check_loadable, method_sequence,
-                             require_same_data, run_alignment)
+from common.training import (CompiledModules, DivergenceMonitor, Trainer, action_latency_ms, check_loadable,
+                             method_sequence, require_same_data, run_alignment)
 
 SCRIPT = "diffuser_align"
 METHODS = ("rl", "qvpg", "dpo", "sft", "cascade")
@@ -439,6 +439,9 @@ class PlanSpace:
 
     def free_mask(self, samples: torch.Tensor) -> torch.Tensor:
         return (~self.known(samples)).float()
+
+    def actions(self, samples: torch.Tensor) -> torch.Tensor:
+        return self.planner.states_actions(samples)[1]
 
     def model_condition(self, cond):
         """What the denoiser is called with: nothing (the state is in-painted into the plan)."""
@@ -927,9 +930,10 @@ def main(args: Args) -> None:
         trainer.load_stage("critic", loaded["critic"], args.load_critic, ("critic", "critic_target", "value"))
     if "critic" not in trainer.done:
         critic_stage("critic", args.critic_steps)
+    foundation.eval()
+    monitor = DivergenceMonitor(space, seed=args.seed)
     if "foundation" not in trainer.results:
-        foundation.eval()
-        trainer.record("foundation", evaluate_planner(planner, data, normalizer, None, args))
+        trainer.record("foundation", evaluate_planner(planner, data, normalizer, None, args) | monitor(foundation))
         trainer.throughput["action_latency_ms"] = action_latency_ms(lambda: planner.act(space.states[:1])[0].cpu())
         trainer.at("foundation evaluation", 0, save=True)
 
@@ -956,7 +960,8 @@ def main(args: Args) -> None:
                   {"rl": rl, "qvpg": qvpg, "dpo": dpo, "sft": sft, "cascade": cascade}, space,
                   lambda: CascadePlanSpace(args, planner, offline, policy), policy, reference, cascade_model,
                   lambda cascade: evaluate_planner(planner, data, normalizer, cascade, args),
-                  lambda cascade: PlanningPolicy(planner, data, normalizer, cascade), data.make_env, retrain_critic)
+                  lambda cascade: PlanningPolicy(planner, data, normalizer, cascade), data.make_env, retrain_critic,
+                  monitor)
     trainer.write_summary(SCRIPT, args, data.family)
     run.close()
 

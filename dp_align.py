@@ -40,8 +40,8 @@ from common.nets import (DiT1d, MLPDenoiser, TwinQ, ValueNet, count_parameters, 
                          policy_with_reference)
 from common.runtime import (UserError, apply_presets, cli, cuda_graphed, require, seeded, stage_stats, start_run,
                             use_cuda_graphs)
-from common.training import (CompiledModules, Trainer, action_latency_ms, check_loadable, method_sequence,
-                             require_same_data, run_alignment)
+from common.training import (CompiledModules, DivergenceMonitor, Trainer, action_latency_ms, check_loadable,
+                             method_sequence, require_same_data, run_alignment)
 
 SCRIPT = "dp_align"
 METHODS = ("rl", "qvpg", "dpo", "sft", "cascade")
@@ -387,6 +387,9 @@ class ChunkSpace:
 
     def free_mask(self, samples: torch.Tensor) -> None:
         return None  # every entry of a chunk is generated
+
+    def actions(self, samples: torch.Tensor) -> torch.Tensor:
+        return samples
 
     def step_distribution(self, model, x: torch.Tensor, step: int, cond: torch.Tensor):
         return self.diffusion.step_distribution(model, x, step, cond)
@@ -887,9 +890,10 @@ def main(args: Args) -> None:
     def evaluation_policy(model, cascade_model) -> RecedingHorizonPolicy:
         return RecedingHorizonPolicy(space, compiled(model), cascade_model, value, data, normalizer, graphs)
 
+    monitor = DivergenceMonitor(space, seed=args.seed)
     if "foundation" not in trainer.results:
         policy_fn = evaluation_policy(foundation, None)
-        trainer.record("foundation", evaluate_policy(policy_fn, data, args))
+        trainer.record("foundation", evaluate_policy(policy_fn, data, args) | monitor(foundation))
         single = transitions.observation_history(torch.zeros(1, dtype=torch.long, device=device), args.obs_horizon)
         trainer.throughput["action_latency_ms"] = action_latency_ms(lambda: policy_fn.select(single).cpu())
         trainer.at("foundation evaluation", 0, save=True)
@@ -916,7 +920,8 @@ def main(args: Args) -> None:
                   {"rl": rl, "qvpg": qvpg, "dpo": dpo, "sft": sft, "cascade": cascade}, space,
                   lambda: CascadeChunkSpace(space, policy), policy, reference, cascade_model,
                   lambda cascade_model: evaluate_policy(evaluation_policy(policy, cascade_model), data, args),
-                  lambda cascade_model: evaluation_policy(policy, cascade_model), data.make_env, retrain_critic)
+                  lambda cascade_model: evaluation_policy(policy, cascade_model), data.make_env, retrain_critic,
+                  monitor)
     trainer.write_summary(SCRIPT, args, data.family)
     run.close()
 

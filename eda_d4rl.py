@@ -37,7 +37,7 @@ from common.diffusion import Diffusion, VPSDE
 from common.nets import IDQLResidualMLP, TwinQ, ValueNet, count_parameters
 from common.runtime import (apply_presets, check_finite, cli, cuda_graphed, explicit_fields, require, stage_stats,
                             start_run, use_cuda_graphs)
-from common.training import Trainer, action_latency_ms, check_loadable, require_same_data
+from common.training import DivergenceMonitor, Trainer, action_latency_ms, check_loadable, require_same_data
 
 SCRIPT = "eda_d4rl"
 STAGES = ("behavior", "critic", "candidates", "alignment", "evaluation", "done")
@@ -311,6 +311,29 @@ def generate_candidates(behavior: EnergyModel, critic_target, diffusion: Diffusi
     return actions.view(len(states), K, -1), q_labels.view(len(states), K)
 
 
+class ActionSamples:
+    """Dataset actions and a model's samples as DivergenceMonitor reads them: the denoising error of the noise
+    prediction -sigma grad_a f, and samples mapped to [-1, 1] for its action-bounds test."""
+
+    def __init__(self, states, actions, sde: VPSDE, diffusion: Diffusion, action_low, action_high):
+        self.states, self.data_actions, self.sde, self.diffusion = states, actions, sde, diffusion
+        self.action_low, self.action_high, self.device = action_low, action_high, states.device
+
+    def dataset_samples(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.randint(len(self.states), (batch,), device=self.device)
+        return self.data_actions[index], self.states[index]
+
+    def eps_error(self, model: EnergyModel, actions, states, t, noise) -> torch.Tensor:
+        actions_t = self.sde.alpha(t)[:, None] * actions + self.sde.sigma(t)[:, None] * noise
+        return (model.noise_prediction(actions_t, t, states) - noise).pow(2).mean(-1)
+
+    def sample(self, model: EnergyModel, states):
+        return self.diffusion.sample(model.noise_prediction, (self.action_low.shape[0],), cond=states)
+
+    def actions(self, samples: torch.Tensor) -> torch.Tensor:
+        return 2 * (samples - self.action_low) / (self.action_high - self.action_low) - 1
+
+
 class BestOfNPolicy:
     """evaluate()'s policy: n diffusion samples per state, the one with the highest min target Q is executed."""
 
@@ -479,6 +502,8 @@ def main(args: Args) -> None:
             stats["coherency"] = nav1d.policy_coherency(kind, states, np.concatenate(result.actions))
         return stats, policy_fn
 
+    monitor = DivergenceMonitor(ActionSamples(observations, actions, sde, diffusion, action_low, action_high),
+                                seed=args.seed)
     if "alignment" not in trainer.done:
         if trainer.start_step("alignment") == 0:
             policy.load_state_dict(behavior.state_dict())
@@ -499,6 +524,8 @@ def main(args: Args) -> None:
                                   optimizer=optimizers["policy"]):
             if args.eval_every and done % args.eval_every == 0 and done < args.align_steps:
                 trainer.log_eval(evaluate_model(policy, args.num_candidates)[0])
+            if done % args.log_every == 0:
+                trainer.log_divergence(monitor(policy))
         trainer.finish("alignment", {"steps": args.align_steps})
 
     # ============================================================================================================
@@ -512,7 +539,7 @@ def main(args: Args) -> None:
         if name in trainer.results:
             continue
         stats, policy_fn = evaluate_model(model, n)
-        trainer.record(name, stats, label)
+        trainer.record(name, stats | (monitor(model) if name in ("behavior", "aligned") else {}), label)
         if name == "aligned":
             first_observation = np.asarray(data.make_env().reset(seed=args.seed)[0], dtype=np.float32)[None]
             trainer.throughput["action_latency_ms"] = action_latency_ms(

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from common.data import collect_episodes
+from common.diffusion import DISCRETE_SAMPLERS
 from common.runtime import (Run, UserError, capture_rng, check_finite, load_module_state, print_results_table,
                             read_checkpoint_file, restore_rng)
 
@@ -169,6 +170,11 @@ class Trainer:
             pass
 
     # ----- evaluation and the summary ---------------------------------------------------------------------------
+    def log_divergence(self, metrics: dict[str, float]) -> None:
+        """A DivergenceMonitor reading at the global step: divergence/{metric}."""
+        for name, value in metrics.items():
+            self.run.writer.add_scalar(f"divergence/{name}", value, self.global_step)
+
     def log_eval(self, stats: dict, label: str = "") -> None:
         """An evaluation at the global step: eval/{metric}, or eval/{label}/{metric} for a side evaluation."""
         prefix = f"eval/{label}/" if label else "eval/"
@@ -182,6 +188,9 @@ class Trainer:
         self.results[name] = stats
         self.log_eval(stats, label)
         extra = f", coherency {stats['coherency']:.3f}" if "coherency" in stats else ""
+        if "denoising_error" in stats:
+            extra += (f", denoising error {stats['denoising_error']:.3f}, actions at bounds "
+                      f"{stats['actions_at_bounds']:.2f}")
         print(f"[{name}] return {stats['return_mean']:.3f} +- {stats['return_std']:.3f}, normalized score "
               f"{stats['normalized_mean']:.1f} +- {stats['normalized_std']:.1f}{extra}")
 
@@ -197,6 +206,44 @@ class Trainer:
         self.finish("done")
         print_results_table(self.results)
         print(f"summary: {self.run.run_dir / 'summary.json'}")
+
+
+def fraction_at_bounds(actions: torch.Tensor, low=-1.0, high=1.0, tolerance: float = 1e-3) -> float:
+    """Share of action entries within `tolerance` of the action box's bounds (after clipping to it)."""
+    clipped = torch.minimum(torch.maximum(actions, torch.as_tensor(low, device=actions.device)),
+                            torch.as_tensor(high, device=actions.device))
+    return float(((clipped - low).abs() <= tolerance).logical_or((high - clipped).abs() <= tolerance).float().mean())
+
+
+class DivergenceMonitor:
+    """How far a model under alignment has walked from the data, measured while it happens: its denoising error on a
+    fixed batch of dataset samples at a small noise level (network time 0.05, where the score field near the data
+    decides what the sampler returns), and the share of its sampled actions at the action bounds. A collapse shows
+    as both rising while the alignment loss hardly moves. The batch, noise and sampling seed are fixed, and the global
+    RNG is left as it was, so monitoring does not change a run's numbers.
+
+    `space` is an alignment sample space (dataset_samples, eps_error, sample, actions, diffusion)."""
+
+    def __init__(self, space: Any, batch: int = 256, seed: int = 0, network_time: float = 0.05):
+        self.space, self.seed = space, seed
+        device = space.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            self.samples, self.cond = space.dataset_samples(batch)
+            self.noise = torch.randn_like(self.samples)
+        diffusion = space.diffusion
+        if diffusion.sampler in DISCRETE_SAMPLERS:  # the nearest training level
+            network_time = max(1, round(network_time * diffusion.train_steps)) / diffusion.train_steps
+        self.t = torch.full((batch,), network_time, device=device)
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        error = self.space.eps_error(model, self.samples, self.cond, self.t, self.noise).mean()
+        device = self.samples.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed + 1)
+            actions = self.space.actions(self.space.sample(model, self.cond).x0)
+        return {"denoising_error": float(error), "actions_at_bounds": fraction_at_bounds(actions)}
 
 
 def method_sequence(text: str, flag: str, allowed: tuple[str, ...], required: bool = True) -> list[str]:
@@ -215,7 +262,7 @@ def run_alignment(trainer: Trainer, args: Any, methods: list[str], cascade_metho
                   reference: torch.nn.Module, cascade_model: torch.nn.Module | None,
                   evaluate_model: Callable[[torch.nn.Module | None], dict],
                   online_policy: Callable[[torch.nn.Module | None], Callable], make_env: Callable,
-                  retrain_critic: Callable[[str], None]) -> None:
+                  retrain_critic: Callable[[str], None], monitor: DivergenceMonitor) -> None:
     """The --align sequence, --passes times (DESIGN 4.7), as stages "pass{p}/{method}". Per stage: a fresh Adam over
     what the method trains (the policy's adapters at `{method}_lr`, or the cascade at cascade_lr); DPO's and SFT's
     reference, a frozen snapshot of the policy as the stage finds it; `updates[method](space, trained, reference,
@@ -229,7 +276,9 @@ def run_alignment(trainer: Trainer, args: Any, methods: list[str], cascade_metho
 
     Before every pass after the first, with --online-episodes, a stage "pass{p}/online": episodes of
     `online_policy(cascade or None)` (an evaluate() policy) join trainer.state["online"] (once: a resumed stage finds
-    them in the checkpoint), then `retrain_critic(stage)`."""
+    them in the checkpoint), then `retrain_critic(stage)`.
+
+    `monitor(policy)` is logged every log_every steps of the policy's stages and joins each stage's record."""
     def cascade_now(training_cascade: bool = False):
         trained = training_cascade or any("/cascade" in stage for stage in trainer.done)
         return cascade_model if trained else None
@@ -254,8 +303,10 @@ def run_alignment(trainer: Trainer, args: Any, methods: list[str], cascade_metho
                                   optimizer=optimizer):
             if args.eval_every and done % args.eval_every == 0:
                 trainer.log_eval(evaluate_model(cascade_now(training_cascade)), label=method)
+            if done % args.log_every == 0 and not training_cascade:
+                trainer.log_divergence(monitor(policy))
         trainer.models.pop("stage_reference", None)
-        trainer.record(stage, evaluate_model(cascade_now(training_cascade)))
+        trainer.record(stage, evaluate_model(cascade_now(training_cascade)) | ({} if training_cascade else monitor(policy)))
         trainer.finish(stage)
 
     for alignment_pass in range(1, args.passes + 1):

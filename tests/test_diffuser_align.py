@@ -252,6 +252,9 @@ def test_smoke_run_every_planner_sampler_and_method(tmp_path, case):
     expected = {"foundation", "aligned"} | {f"pass{p}/{stage}" for p in range(1, passes + 1)
                                             for stage in alignment_stages(SMOKE_CASES[case])}
     assert set(summary["stages"]) == expected
+    for name in {stage for stage in expected if "cascade" not in stage and "online" not in stage} - {"aligned"}:
+        stats = summary["stages"][name]  # the divergence monitor's reading of the policy joins its evaluation
+        assert stats["denoising_error"] > 0 and 0 <= stats["actions_at_bounds"] <= 1, name
     assert set(summary["coherency"]) == expected
     assert all(0.0 <= value <= 1.0 for value in summary["coherency"].values())
     assert all(np.isfinite(stats["return_mean"]) for stats in summary["stages"].values())

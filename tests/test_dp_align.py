@@ -147,6 +147,8 @@ def test_smoke_run(tmp_path, name):
     expected = ["foundation"] + [f"pass{p}/{stage}" for p in range(1, passes + 1)
                                  for stage in alignment_stages(SMOKE_RUNS[name])] + ["aligned"]
     assert list(stages) == expected
+    for name in ["foundation"] + [stage for stage in expected if stage.startswith("pass") and "cascade" not in stage]:
+        assert stages[name]["denoising_error"] > 0 and 0 <= stages[name]["actions_at_bounds"] <= 1  # the monitor
     for stats in stages.values():
         assert np.isfinite(stats["return_mean"]) and 0 <= stats["coherency"] <= 1 and stats["episodes"] == 4
     data = summary(run_dir)

@@ -170,6 +170,8 @@ def test_nav1d_smoke_run_interrupt_resume_and_determinism(tmp_path, tiny_nav1d_r
     straight = tiny_nav1d_run
     summary = json.loads((straight / "summary.json").read_text())
     assert set(summary["stages"]) == {"behavior", "aligned", "behavior_1cand", "aligned_1cand"}
+    for stage in ("behavior", "aligned"):  # the divergence monitor's reading joins the evaluation
+        assert summary["stages"][stage]["denoising_error"] > 0 and 0 <= summary["stages"][stage]["actions_at_bounds"] <= 1
     assert summary["script"] == "eda_d4rl" and summary["coherency"]["aligned"] == 1.0
     assert summary["throughput"]["alignment_steps_per_s"] > 0 and "action_latency_ms" in summary["throughput"]
     assert (straight / "args.json").exists() and list(straight.glob("events.out.tfevents.*"))
