@@ -56,6 +56,8 @@ class Args:
     """seed of training and of the evaluation episodes"""
     env: str = "nav1d-full"
     """dataset: nav1d-partial|full|expert, a Minari id (mujoco/hopper/medium-v0) or a D4RL name (hopper-medium-v2)"""
+    preset: Literal["", "cpu"] = ""
+    """compute preset over the dataset's own: cpu = the whole method at 2-core CPU scale (README, "Compute presets")"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where to run"""
     torch_deterministic: bool = True
@@ -243,6 +245,14 @@ PRESETS = {
     # took Diffuser-DDPM from 7.50 to 5.14 (coherency 0.92 -> 0.50, seed 0); with kl_coef 10, 7.50 -> 7.51 (0.93).
     "nav1d-expert": dict(kl_coef=10.0),
     "hopper": dict(horizon=32, unet_base_dim=32, unet_dim_mults=(1, 2, 4)),
+}
+
+COMPUTE_PRESETS = {  # --preset: sizes for a machine, over the dataset's preset (README)
+    # a 2-core CPU: a horizon-16 U-Net of base width 16, 20k foundation and 100k critic steps, 100 steps per alignment
+    # method; first values from the per-step timings of cpu_speed.md, not yet checked end to end on Hopper (issue 15)
+    "cpu": dict(horizon=16, unet_base_dim=16, unet_dim_mults=(1, 2, 4), foundation_steps=20_000, critic_steps=100_000,
+                inverse_dynamics_steps=20_000, train_steps=200, spacing="quadratic", rl_steps=100, qvpg_steps=100,
+                dpo_steps=100, sft_steps=100, cascade_steps=100, align_batch=16, eval_episodes=10, save_every=2_000),
 }
 
 
@@ -846,7 +856,7 @@ def evaluate_planner(planner: Planner, data, normalizer: Normalizer, cascade: nn
     """Return statistics over eval_episodes (and plan coherency on Nav1D)."""
     policy = PlanningPolicy(planner, data, normalizer, cascade)
     result = evaluate(policy, data.make_env, args.eval_episodes, args.seed, args.eval_max_steps or None)
-    stats = stage_stats(result.returns, normalized_score(data, result.returns))
+    stats = stage_stats(result.returns, normalized_score(data, result.returns), result.actions_per_s)
     if policy.coherency:
         stats["coherency"] = float(np.mean(policy.coherency))
     return stats
@@ -856,7 +866,7 @@ def evaluate_planner(planner: Planner, data, normalizer: Normalizer, cascade: nn
 # Main
 # ======================================================================================================================
 def main(args: Args) -> None:
-    from_presets = apply_presets(args, PRESETS)
+    from_presets = apply_presets(args, PRESETS, compute_presets=COMPUTE_PRESETS)
     methods, cascade_methods = validate_args(args)
     loaded = {stage: check_loadable(path, SCRIPT, stage)
               for stage, path in (("foundation", args.load_foundation), ("critic", args.load_critic)) if path}

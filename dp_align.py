@@ -55,6 +55,8 @@ class Args:
     """seed of everything (training, sampling, evaluation episodes)"""
     env: str = "nav1d-full"
     """dataset: nav1d-partial|full|expert, a Minari id, or a D4RL name such as hopper-medium-v2"""
+    preset: Literal["", "cpu"] = ""
+    """compute preset over the dataset's own: cpu = the whole method at 2-core CPU scale (README, "Compute presets")"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where to run"""
     torch_deterministic: bool = True
@@ -255,6 +257,14 @@ PRESETS: dict[str, dict] = {
     # The expert data covers a narrow band of actions, so Q is unreliable elsewhere: without the KL to the reference,
     # RL alone took the return from 7.27 to 2.28 (coherency 0.19); with kl_coef=10, 7.27 -> 7.35 (coherency 0.94).
     "nav1d-expert": dict(kl_coef=10.0),
+}
+
+COMPUTE_PRESETS: dict[str, dict] = {  # --preset: sizes for a machine, over the dataset's preset (README)
+    # a 2-core CPU: an MLP denoiser, 20k foundation and 100k critic steps, 300 steps per alignment method; first values
+    # from the per-step timings of cpu_speed.md, not yet checked end to end on Hopper (issue 15)
+    "cpu": dict(backbone="mlp", hidden=256, depth=3, foundation_steps=20_000, critic_steps=100_000, train_steps=200,
+                spacing="quadratic", rl_steps=300, qvpg_steps=300, dpo_steps=300, sft_steps=300, cascade_steps=300,
+                align_batch=32, eval_episodes=10, save_every=2_000),
 }
 
 
@@ -811,7 +821,7 @@ class RecedingHorizonPolicy:
 def evaluate_policy(policy: RecedingHorizonPolicy, data, args: Args) -> dict:
     """Return statistics of `policy` over eval_episodes (and policy coherency on Nav1D)."""
     result = evaluate(policy, data.make_env, args.eval_episodes, args.seed, max_steps=args.eval_max_steps or None)
-    stats = stage_stats(result.returns, normalized_score(data, result.returns))
+    stats = stage_stats(result.returns, normalized_score(data, result.returns), result.actions_per_s)
     if data.family == "nav1d":
         states = np.concatenate([observations[:-1] for observations in result.observations])
         stats["coherency"] = nav1d.policy_coherency(nav1d.dataset_kind(data.name), states,
@@ -823,7 +833,7 @@ def evaluate_policy(policy: RecedingHorizonPolicy, data, args: Args) -> dict:
 # Main
 # ======================================================================================================================
 def main(args: Args) -> None:
-    from_presets = apply_presets(args, PRESETS)
+    from_presets = apply_presets(args, PRESETS, compute_presets=COMPUTE_PRESETS)
     methods, cascade_methods = validate(args)
     loaded = {stage: check_loadable(path, SCRIPT, stage)
               for stage, path in (("foundation", args.load_foundation), ("critic", args.load_critic)) if path}

@@ -52,6 +52,8 @@ class Args:
     """seed of the run (training, candidate sampling and evaluation seeds all follow from it)"""
     env: str = "hopper-medium-v2"
     """dataset: nav1d-{partial,full,expert}, a Minari id, or a D4RL name such as hopper-medium-v2"""
+    preset: Literal["", "cpu"] = ""
+    """compute preset over the dataset's own: cpu = the whole method at 2-core CPU scale (README, "Compute presets")"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where to run"""
     torch_deterministic: bool = True
@@ -168,6 +170,15 @@ PRESETS: dict[str, dict] = {
     # 7.10 -> 6.61 with 0.5, 7.05 with 1.0, 6.96 with 2.0; fresh runs, seeds 0-4: 6.77 -> 6.68, nav1d_methods.md);
     # the paper also uses larger beta on its medium-expert datasets
     "nav1d-expert": {"beta": 1.0},
+}
+
+COMPUTE_PRESETS: dict[str, dict] = {  # --preset: sizes for a machine, over the dataset's preset (README)
+    # a 2-core CPU: a smaller f (hidden 128, 2 blocks), 20k behavior and 100k critic steps, 16 candidates for 5% of
+    # the states, 5k alignment steps of 64 states; first values from the per-step timings of cpu_speed.md, not yet
+    # checked end to end on Hopper (issue 15)
+    "cpu": {"hidden": 128, "blocks": 2, "behavior_steps": 20_000, "behavior_batch_size": 256, "critic_steps": 100_000,
+            "data_ratio": 0.05, "candidate_batch_size": 512, "align_steps": 5_000, "align_batch_size": 64,
+            "eval_episodes": 10, "eval_every": 0, "save_every": 2_000, "log_every": 100},
 }
 
 
@@ -365,7 +376,7 @@ class BestOfNPolicy:
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
-    from_presets = apply_presets(args, PRESETS)
+    from_presets = apply_presets(args, PRESETS, compute_presets=COMPUTE_PRESETS)
     validate_args(args)
     loaded = {stage: check_loadable(path, SCRIPT, stage)
               for stage, path in (("behavior", args.load_behavior), ("critic", args.load_critic)) if path}
@@ -495,7 +506,7 @@ def main(args: Args) -> None:
                                   seed=args.seed + 1, device=device, cuda_graphs=graphs)
         result = evaluate(policy_fn, data.make_env, args.eval_episodes, seed=args.seed,
                           max_steps=args.eval_max_steps or None)
-        stats = stage_stats(result.returns, normalized_score(data, result.returns))
+        stats = stage_stats(result.returns, normalized_score(data, result.returns), result.actions_per_s)
         if data.family == "nav1d":
             kind = next(kind for kind in nav1d.DATASET_KINDS if kind in data.name)
             states = np.concatenate([episode[:-1] for episode in result.observations])  # drop the final observations

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -628,6 +629,12 @@ class EvalResult:
     observations: list[np.ndarray]  # per episode (length + 1, S) float32, the final observation included
     actions: list[np.ndarray]  # per episode (length, A) float32, as the policy produced them (before clipping)
     terminated: np.ndarray  # (E,) bool: ended by termination, not by a time limit or max_steps
+    seconds: float  # wall time of the episodes, resets and policy calls included
+
+    @property
+    def actions_per_s(self) -> float:
+        """Environment steps per second over all episodes: the evaluation's speed."""
+        return float(self.lengths.sum()) / max(self.seconds, 1e-9)
 
 
 class TransitionRecorder(gym.Wrapper):
@@ -677,6 +684,7 @@ def evaluate(policy: Callable[[np.ndarray, np.ndarray], Any], make_env: Callable
     `policy.reset(episodes)` is called first when it exists (e.g. to clear action chunks). Finished episodes drop
     out of the batch; max_steps (optional) truncates every episode.
     """
+    started = time.perf_counter()
     envs = [make_env() for _ in range(episodes)]
     try:
         current = [np.asarray(env.reset(seed=eval_seed(seed, i))[0], dtype=np.float32) for i, env in enumerate(envs)]
@@ -717,4 +725,5 @@ def evaluate(policy: Callable[[np.ndarray, np.ndarray], Any], make_env: Callable
         observations=[np.stack(episode) for episode in observations],
         actions=[np.stack(episode) for episode in actions],
         terminated=terminated,
+        seconds=time.perf_counter() - started,
     )

@@ -72,17 +72,22 @@ def explicit_fields(argv: list[str]) -> set[str]:
     return names
 
 
-def apply_presets(args: Any, presets: dict[str, dict], argv: list[str] | None = None) -> dict:
-    """Fill `args` from every preset whose key occurs in `args.env`; explicit command-line values always win.
+def apply_presets(args: Any, presets: dict[str, dict], argv: list[str] | None = None,
+                  compute_presets: dict[str, dict] | None = None) -> dict:
+    """Fill `args` from every preset whose key occurs in `args.env`, then from the compute preset `args.preset` (e.g.
+    `cpu`) over them; explicit command-line values always win.
 
-    More specific (longer) keys are applied last, so `hopper-medium-v2` overrides `hopper`.
+    More specific (longer) dataset keys are applied last, so `hopper-medium-v2` overrides `hopper`.
     Returns the values that were taken from presets.
     """
     given = explicit_fields(sys.argv[1:] if argv is None else argv)
     field_names = {field.name for field in dataclasses.fields(args)}
+    layers = [(key, presets[key]) for key in sorted((k for k in presets if k in args.env), key=len)]
+    if compute_presets is not None and getattr(args, "preset", ""):
+        layers.append((args.preset, compute_presets[args.preset]))
     applied: dict[str, Any] = {}
-    for key in sorted((k for k in presets if k in args.env), key=len):
-        for name, value in presets[key].items():
+    for key, values in layers:
+        for name, value in values.items():
             if name not in field_names:
                 raise ValueError(f"preset '{key}' sets unknown field '{name}'")
             if name not in given:
@@ -287,15 +292,18 @@ def start_run(args: Any, script: str) -> Run:
 # --------------------------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------------------------
-def stage_stats(returns: np.ndarray, normalized: np.ndarray) -> dict:
+def stage_stats(returns: np.ndarray, normalized: np.ndarray, actions_per_s: float | None = None) -> dict:
+    """An evaluation's record: return and normalised score over the episodes, and the evaluation's speed in
+    environment steps per second when given."""
     returns, normalized = np.asarray(returns, dtype=np.float64), np.asarray(normalized, dtype=np.float64)
-    return {
+    stats = {
         "return_mean": float(returns.mean()),
         "return_std": float(returns.std()),
         "normalized_mean": float(normalized.mean()),
         "normalized_std": float(normalized.std()),
         "episodes": int(returns.size),
     }
+    return stats if actions_per_s is None else stats | {"eval_actions_per_s": float(actions_per_s)}
 
 
 def print_results_table(stages: dict[str, dict]) -> None:

@@ -184,7 +184,13 @@ class Trainer:
                 self.run.writer.add_scalar(prefix + tag, stats[metric], self.global_step)
 
     def record(self, name: str, stats: dict, label: str = "") -> None:
-        """Keep the evaluation of stage `name` for summary.json, log it and print it."""
+        """Keep the evaluation of stage `name` for summary.json, log it and print it. Its speed goes to the
+        throughput (the latest evaluation's), so that the stage records hold results only."""
+        stats = dict(stats)
+        speed = stats.pop("eval_actions_per_s", None)
+        if speed is not None:
+            self.throughput["eval_actions_per_s"] = speed
+            self.run.writer.add_scalar("charts/eval_actions_per_s", speed, self.global_step)
         self.results[name] = stats
         self.log_eval(stats, label)
         extra = f", coherency {stats['coherency']:.3f}" if "coherency" in stats else ""

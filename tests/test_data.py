@@ -306,6 +306,7 @@ def test_evaluate_runs_in_lockstep_with_seeded_episodes(nav1d_full):
     positions = np.stack([episode[:, 0] for episode in result.observations])
     actions = np.stack([episode[:, 0] for episode in result.actions])
     assert nav1d.plan_coherency(positions[:, :-1], actions, positions[:, 1:]) == pytest.approx(1.0, abs=1e-5)
+    assert result.seconds > 0 and result.actions_per_s == pytest.approx(48 / result.seconds)
 
 
 def test_dict_observations_flatten_the_same_way_for_data_and_env():

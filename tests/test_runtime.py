@@ -27,6 +27,7 @@ class Args:
     cpu_threads: int = 0
     beta: float = 1.0
     steps: int = 5
+    preset: str = ""
 
 
 def test_presets_apply_most_specific_last_and_never_override_the_command_line():
@@ -41,6 +42,18 @@ def test_presets_apply_most_specific_last_and_never_override_the_command_line():
     args = Args(torch_deterministic=False)
     apply_presets(args, {"nav1d": {"torch_deterministic": True}}, argv=["--no-torch-deterministic"])
     assert args.torch_deterministic is False
+
+
+def test_the_compute_preset_goes_over_the_dataset_presets_and_under_the_command_line():
+    presets = {"nav1d": {"beta": 2.0, "steps": 7}}
+    compute = {"cpu": {"steps": 3, "cpu_threads": 2}}
+    args = Args(preset="cpu", cpu_threads=4)
+    applied = apply_presets(args, presets, argv=["--preset", "cpu", "--cpu-threads", "4"], compute_presets=compute)
+    assert (args.beta, args.steps, args.cpu_threads) == (2.0, 3, 4)
+    assert applied == {"beta": 2.0, "steps": 3}
+    args = Args()  # no --preset: the dataset presets alone
+    apply_presets(args, presets, argv=[], compute_presets=compute)
+    assert (args.beta, args.steps) == (2.0, 7)
 
 
 def test_checkpoints_rotate_and_fall_back_to_the_previous_one_when_truncated(tmp_path):
