@@ -30,6 +30,8 @@ import minari
 import numpy as np
 from minari.data_collector import EpisodeBuffer
 
+from common.runtime import ExclusiveLock
+
 DELTA = 0.4  # largest move per step
 HORIZON = 8  # steps per episode
 SIGMA = 0.15  # width of the reward bump around the target
@@ -208,17 +210,35 @@ def make_dataset(kind: str) -> minari.MinariDataset:
     if kind not in DATASET_KINDS:
         raise ValueError(f"unknown Nav1D dataset kind {kind!r}; expected one of {DATASET_KINDS}")
     name = dataset_id(kind)
-    if (minari.storage.get_dataset_path(name) / "data").exists():
-        try:
-            dataset = minari.load_dataset(name)
-            if dataset.total_episodes == DATASET_EPISODES:
-                return dataset
-        except Exception:  # unreadable leftovers of an interrupted creation: regenerate below
-            pass
-        minari.delete_dataset(name)
-    elif minari.storage.get_dataset_path(name).exists():
-        minari.delete_dataset(name)
+    path = minari.storage.get_dataset_path(name)
+    dataset = _complete_dataset(name)
+    if dataset is not None:
+        return dataset
+    # one process makes it; others starting at the same time wait for it, then load what it made
+    lock = ExclusiveLock(path.parent / f".{path.name}.lock", f"the Nav1D dataset {name} being made", wait=True)
+    try:
+        dataset = _complete_dataset(name)
+        if dataset is not None:
+            return dataset
+        if path.exists():  # unreadable leftovers of an interrupted creation: made again
+            minari.delete_dataset(name)
+        return _create_dataset(kind, name)
+    finally:
+        lock.release()
 
+
+def _complete_dataset(name: str) -> minari.MinariDataset | None:
+    """The local dataset `name` if it is readable and has all its episodes."""
+    if not (minari.storage.get_dataset_path(name) / "data").exists():
+        return None
+    try:
+        dataset = minari.load_dataset(name)
+    except Exception:  # unreadable leftovers of an interrupted creation: made again
+        return None
+    return dataset if dataset.total_episodes == DATASET_EPISODES else None
+
+
+def _create_dataset(kind: str, name: str) -> minari.MinariDataset:
     rng = np.random.default_rng([DATASET_SEED, DATASET_KINDS.index(kind)])
     positions, actions = generate_rollouts(kind, DATASET_EPISODES, rng)
     rewards = reward(positions[:, 1:], np.arange(HORIZON))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import random
@@ -169,6 +170,56 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None], keep_previous: 
     os.replace(tmp, path)
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+class ExclusiveLock:
+    """An exclusive advisory lock (flock) on the file `path`, held by this process until `release()` or its end.
+
+    The OS drops the lock of a process that dies, so a crashed run never blocks its directory; the file keeps the
+    holder's pid, which the next process names when it finds the lock held (`wait=False`: a UserError) or reports
+    as taken over when that process is gone. `wait=True` blocks until the holder is done instead."""
+
+    def __init__(self, path: Path, what: str, wait: bool = False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder()
+            if not wait:
+                self.handle.close()
+                raise UserError(f"{what} is in use by process {holder}; wait for it to end or use another one")
+            print(f"waiting for process {holder}, which holds {what}", file=sys.stderr)
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+        previous = self._holder()
+        if previous is not None and previous != os.getpid() and not process_alive(previous):
+            print(f"warning: taking over {what} from process {previous}, which is no longer running", file=sys.stderr)
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"{os.getpid()}\n")
+        self.handle.flush()
+
+    def _holder(self) -> int | None:
+        self.handle.seek(0)
+        text = self.handle.read().strip()
+        return int(text) if text.isdigit() else None
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            self.handle.seek(0)
+            self.handle.truncate()  # an empty file: released cleanly, nobody to take over from
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+
+
 def read_checkpoint_file(path: str | Path, script: str | None = None) -> dict:
     """Load one checkpoint; a truncated/corrupt file or one from another script is a UserError."""
     path = Path(path)
@@ -226,16 +277,26 @@ class Run:
         self.latest = self.checkpoint_dir / "latest.pt"
         self.previous = self.checkpoint_dir / "previous.pt"
         self.device = resolve_device(args.device)
-        if args.resume:
-            if not (self.latest.exists() or self.previous.exists()):
-                raise UserError(f"--resume: no checkpoint in '{self.checkpoint_dir}' to resume from")
-        elif self.latest.exists():
-            raise UserError(f"'{self.run_dir}' already holds a run; pass --resume to continue it or pick another --run-dir")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._check_run_dir()
+        self.lock = ExclusiveLock(self.run_dir / ".lock", f"run directory '{self.run_dir}'")
+        try:
+            self._check_run_dir()  # again, now that no other process can be starting in it
+        except UserError:
+            self.lock.release()
+            raise
+        for leftover in [*self.checkpoint_dir.glob(".*.tmp*"), *self.run_dir.glob(".*.tmp*")]:
+            leftover.unlink()  # half-written files of a process killed while saving
         (self.run_dir / "args.json").write_text(json.dumps(args_to_dict(args), indent=2, default=str))
         self.writer = SummaryWriter(str(self.run_dir))
         self._interrupted = False
         self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _check_run_dir(self) -> None:
+        if self.args.resume:
+            if not (self.latest.exists() or self.previous.exists()):
+                raise UserError(f"--resume: no checkpoint in '{self.checkpoint_dir}' to resume from")
+        elif self.latest.exists():
+            raise UserError(f"'{self.run_dir}' already holds a run; pass --resume to continue it or pick another --run-dir")
 
     def _on_sigint(self, signum, frame) -> None:
         if self._interrupted:  # a second Ctrl-C means: stop now
@@ -273,6 +334,7 @@ class Run:
     def close(self) -> None:
         self.writer.close()
         signal.signal(signal.SIGINT, self._previous_handler)
+        self.lock.release()
 
 
 def start_run(args: Any, script: str) -> Run:
