@@ -38,8 +38,8 @@ from common.data import (Normalizer, evaluate, load_offline_data, model_transiti
 from common.diffusion import Diffusion, SampleOutput, gaussian_log_prob
 from common.nets import (DiT1d, MLPDenoiser, TwinQ, ValueNet, count_parameters, load_foundation_into_cascade,
                          policy_with_reference)
-from common.runtime import (UserError, apply_presets, cli, cuda_graphed, require, seeded, stage_stats, start_run,
-                            use_cuda_graphs)
+from common.runtime import (UserError, apply_presets, cli, cuda_graphed, require, resumed_arguments, seeded,
+                            stage_stats, start_run, use_cuda_graphs)
 from common.training import (CompiledModules, DivergenceMonitor, Trainer, action_latency_ms, check_loadable,
                              method_sequence, require_same_data, run_alignment)
 
@@ -833,6 +833,7 @@ def evaluate_policy(policy: RecedingHorizonPolicy, data, args: Args) -> dict:
 # Main
 # ======================================================================================================================
 def main(args: Args) -> None:
+    args = resumed_arguments(args, SCRIPT)  # --resume: the run's own arguments
     from_presets = apply_presets(args, PRESETS, compute_presets=COMPUTE_PRESETS)
     methods, cascade_methods = validate(args)
     loaded = {stage: check_loadable(path, SCRIPT, stage)

@@ -35,8 +35,8 @@ from common import nav1d
 from common.data import evaluate, iql_rewards, load_offline_data, normalized_score, Normalizer
 from common.diffusion import Diffusion, VPSDE
 from common.nets import IDQLResidualMLP, TwinQ, ValueNet, count_parameters
-from common.runtime import (apply_presets, check_finite, cli, cuda_graphed, explicit_fields, require, stage_stats,
-                            start_run, use_cuda_graphs)
+from common.runtime import (apply_presets, check_finite, cli, cuda_graphed, explicit_fields, require,
+                            resumed_arguments, stage_stats, start_run, use_cuda_graphs)
 from common.training import DivergenceMonitor, Trainer, action_latency_ms, check_loadable, require_same_data
 
 SCRIPT = "eda_d4rl"
@@ -376,6 +376,7 @@ class BestOfNPolicy:
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
+    args = resumed_arguments(args, SCRIPT)  # --resume: the run's own arguments
     from_presets = apply_presets(args, PRESETS, compute_presets=COMPUTE_PRESETS)
     validate_args(args)
     loaded = {stage: check_loadable(path, SCRIPT, stage)
@@ -387,8 +388,9 @@ def main(args: Args) -> None:
         require_same_data(checkpoint, normalizer, f"--load-{stage}")
     run = start_run(args, script=SCRIPT)
     device = run.device
-    print(f"values from presets: {from_presets}" if from_presets else "no preset matched; using the defaults")
-    if "beta" not in from_presets and "beta" not in explicit_fields(sys.argv[1:]):
+    print("arguments from the run's args.json" if args.resume else f"values from presets: {from_presets}" if from_presets
+          else "no preset matched; using the defaults")
+    if "beta" not in from_presets and "beta" not in explicit_fields(sys.argv[1:]) and not args.resume:
         print(f"note: {args.env} has no entry in the beta table; using --beta {args.beta} (sweep it: the paper's grid "
               "is 0.1-2 for locomotion, 0.3-5 for antmaze and kitchen)")
 

@@ -81,6 +81,8 @@ def apply_presets(args: Any, presets: dict[str, dict], argv: list[str] | None = 
     More specific (longer) dataset keys are applied last, so `hopper-medium-v2` overrides `hopper`.
     Returns the values that were taken from presets.
     """
+    if getattr(args, "resume", False):
+        return {}  # a resumed run's arguments come resolved from its args.json (resumed_arguments)
     given = explicit_fields(sys.argv[1:] if argv is None else argv)
     field_names = {field.name for field in dataclasses.fields(args)}
     layers = [(key, presets[key]) for key in sorted((k for k in presets if k in args.env), key=len)]
@@ -95,6 +97,61 @@ def apply_presets(args: Any, presets: dict[str, dict], argv: list[str] | None = 
                 setattr(args, name, value)
                 applied[name] = value
     return applied
+
+
+# Options a resumed run may take anew: where and how fast it runs, how often it saves and logs, evaluation settings
+# (for stages not evaluated yet; finished evaluations keep their numbers) and more passes. The step count of a stage
+# may change while that stage is unfinished. Everything else comes from the run's args.json.
+MAY_CHANGE_ON_RESUME = ("resume", "run_dir", "device", "cpu_threads", "compile", "cuda_graphs", "save_every",
+                        "log_every", "eval_every", "eval_episodes", "eval_max_steps", "passes")
+STEP_OPTION_STAGES = {"align": "alignment", "online_critic": "online"}  # {name}_steps -> its stage, where they differ
+
+
+def resumed_arguments(args: Any, script: str, argv: list[str] | None = None) -> Any:
+    """`--resume --run-dir D`: the run's own arguments, read from D/args.json, with what the command line may change
+    (MAY_CHANGE_ON_RESUME, and the step count of an unfinished stage) taken from it. An option that would change the
+    experiment is a UserError naming it, raised before anything in D is touched; so is a checkpoint of another
+    script. Without --resume, `args` unchanged."""
+    if not args.resume:
+        return args
+    if not args.run_dir:
+        raise UserError("--resume needs --run-dir pointing at the run to continue")
+    run_dir = Path(args.run_dir)
+    checkpoints = [run_dir / "checkpoints" / name for name in ("latest.pt", "previous.pt")]
+    readable = None
+    for path in (path for path in checkpoints if path.exists()):
+        try:
+            readable = read_checkpoint_file(path, script)
+            break
+        except CorruptCheckpointError:  # Run.load_checkpoint reports it and falls back the same way
+            continue
+    if readable is None:
+        if any(path.exists() for path in checkpoints):
+            raise UserError(f"--resume: no readable checkpoint in '{run_dir / 'checkpoints'}' (corrupt or truncated)")
+        raise UserError(f"--resume: no checkpoint in '{run_dir / 'checkpoints'}' to resume from")
+    saved_path = run_dir / "args.json"
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"--resume: cannot read the run's arguments '{saved_path}' ({type(error).__name__})") from error
+    given = explicit_fields(sys.argv[1:] if argv is None else argv)
+    finished = {stage.rsplit("/", 1)[-1] for stage in readable.get("done", {})}
+    current = json.loads(json.dumps(args_to_dict(args), default=str))
+    for name, value in current.items():
+        if name not in saved:
+            continue  # an option this run predates: its default
+        if name in given:
+            stage = STEP_OPTION_STAGES.get(name[: -len("_steps")], name[: -len("_steps")]) if name.endswith(
+                "_steps") else None
+            changeable = name in MAY_CHANGE_ON_RESUME or (stage is not None and stage not in finished)
+            if value != saved[name] and not changeable:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"--resume: {flag} {value} would change the run (its {saved_path.name} has "
+                                f"{saved[name]}); drop {flag} or start a new run")
+            continue
+        restored = saved[name]
+        setattr(args, name, tuple(restored) if isinstance(getattr(args, name), tuple) else restored)
+    return args
 
 
 def resolve_device(name: str) -> torch.device:

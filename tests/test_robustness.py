@@ -4,6 +4,7 @@ checkpoints are refused, and bad input exits with code 2 and one line (no traceb
 Each script's own test file covers its Ctrl-C path, its non-finite-loss stop and same-seed determinism; this file
 checks the contracts that all scripts share, the same way for each.
 """
+import json
 import os
 import re
 import signal
@@ -215,3 +216,26 @@ def test_a_diverging_later_stage_keeps_the_last_good_checkpoint(tmp_path, script
     assert kept is not None
     tensors = [value for model in kept["models"].values() for value in model.values() if torch.is_tensor(value)]
     assert tensors and all(torch.isfinite(value).all() for value in tensors if value.is_floating_point())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_takes_the_runs_own_arguments_and_refuses_changing_the_experiment(tmp_path, script):
+    tiny, stages = SCRIPTS[script]
+    run_dir = tmp_path / "run"
+    first_stage_steps = stages[0][1]
+    made = run(script, "--env", "nav1d-partial", *tiny, "--run-dir", str(run_dir))
+    assert made.returncode == 0, made.stderr[-3000:]
+    saved = (run_dir / "args.json").read_text()
+    files = sorted(path.name for path in run_dir.iterdir())
+
+    for changed, flag in ((["--env", "nav1d-full"], "--env"), ([first_stage_steps, "999"], first_stage_steps),
+                          (["--seed", "7"], "--seed")):
+        refused = run(script, "--run-dir", str(run_dir), "--resume", *changed)
+        assert_one_line_error(refused, flag, "would change the run")
+        assert (run_dir / "args.json").read_text() == saved  # nothing in the run directory was touched
+        assert sorted(path.name for path in run_dir.iterdir()) == files
+
+    resumed = run(script, "--run-dir", str(run_dir), "--resume", "--cpu-threads", "1")  # nothing else given
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "args.json").read_text())["env"] == "nav1d-partial"
+    assert json.loads((run_dir / "summary.json").read_text())["env"] == "nav1d-partial"
