@@ -141,9 +141,9 @@ def resumed_arguments(args: Any, script: str, argv: list[str] | None = None) -> 
         if name not in saved:
             continue  # an option this run predates: its default
         if name in given:
-            stage = STEP_OPTION_STAGES.get(name[: -len("_steps")], name[: -len("_steps")]) if name.endswith(
-                "_steps") else None
-            changeable = name in MAY_CHANGE_ON_RESUME or (stage is not None and stage not in finished)
+            stage = name.removesuffix("_steps")
+            stage = STEP_OPTION_STAGES.get(stage, stage)
+            changeable = name in MAY_CHANGE_ON_RESUME or (name.endswith("_steps") and stage not in finished)
             if value != saved[name] and not changeable:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"--resume: {flag} {value} would change the run (its {saved_path.name} has "
