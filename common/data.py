@@ -60,7 +60,7 @@ ADROIT_TASKS = ("pen", "hammer", "door", "relocate")
 ADROIT_KINDS = ("human", "cloned", "expert")
 D4RL_V2_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
 D4RL_REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
-MINARI_GET = 'pip install "minari[hf]" && minari download'
+MINARI_GET = "minari download"  # the README install has minari's hf extra, which downloads need
 EVAL_SEED_STREAM = 0xE7A1  # separates evaluation seeds from every other use of the run seed
 
 

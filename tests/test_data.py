@@ -331,3 +331,12 @@ def test_dict_observations_flatten_the_same_way_for_data_and_env():
     env = FlatObservation(GoalEnv())
     assert env.observation_space.shape == (29,)
     np.testing.assert_array_equal(env.reset()[0], flat[0])
+
+
+def test_readme_install_has_the_client_that_minari_downloads_need(monkeypatch):
+    """minari fetches datasets from its default Hugging Face remote; without minari's `hf` extra in
+    requirements.txt every download fails before it starts."""
+    from minari.storage.remotes import DEFAULT_REMOTE, get_cloud_storage
+    monkeypatch.delenv("MINARI_REMOTE", raising=False)
+    storage = get_cloud_storage()  # raises ImportError naming the missing extra
+    assert DEFAULT_REMOTE.startswith("hf://") and type(storage).__name__ == "HuggingFaceStorage"
