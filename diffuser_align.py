@@ -1,7 +1,7 @@
 """Diffusion planners (Diffuser, Decision Diffuser) aligned with a Q-function by RL, QV-PG, DPO, SFT and cascading.
 
 Paper: Huh & Mohapatra, "Maximize Your Diffusion: A Study into Reward Maximization and Alignment for Diffusion-based
-Control" (planning half: Table 2). Design notes: DESIGN.md section 4.
+Control" (planning half: Table 2).
 
 Overview. A foundation planner is trained on fixed-length windows of the offline data: Diffuser diffuses
 (state, action) windows with a temporal U-Net, Decision Diffuser (DD) diffuses state windows and reads actions off an
@@ -478,7 +478,7 @@ class PlanSpace:
 
 
 class CascadePlanSpace(PlanSpace):
-    """The cascade's sample space for its own alignment (DESIGN 4.6): a condition is a plan the policy `upstream`
+    """The cascade's sample space for its own alignment: a condition is a plan the policy `upstream`
     drew (its step-0 state is the current state), which the cascade model takes as extra input channels."""
 
     def __init__(self, args: Args, planner: Planner, offline: dict[str, torch.Tensor], upstream):
@@ -509,7 +509,7 @@ class CascadePlanSpace(PlanSpace):
 # optimiser and the arguments, draws one batch and returns detached metrics.
 # ======================================================================================================================
 def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
-    """Advantages per conditioning state (DESIGN 4.2): standardised within each state's group, clipped to +-5."""
+    """Advantages per conditioning state: standardised within each state's group, clipped to +-5."""
     grouped = rewards.view(-1, group)
     advantages = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-8)
     return advantages.clamp(-5, 5).flatten()
@@ -570,7 +570,7 @@ def clipped_step(optimizer: torch.optim.Optimizer, max_grad_norm: float) -> None
 
 
 def rl(space, policy, reference, optimizer, args) -> dict:
-    """RL over the denoising chain (DESIGN 4.3): REINFORCE (- sum_t w_t log p_t A) or PPO-clip (mean over steps of
+    """RL over the denoising chain: REINFORCE (- sum_t w_t log p_t A) or PPO-clip (mean over steps of
     the clipped surrogate, ppo_epochs per batch), with an optional per-step KL to the reference."""
     group = args.group_size
     cond = space.conditions(args.align_batch)
@@ -608,7 +608,7 @@ def rl(space, policy, reference, optimizer, args) -> dict:
 
 
 def qvpg(space, policy, reference, optimizer, args) -> dict:
-    """QV-PG (DESIGN 4.3): -reward back-propagated through the last K denoising steps only, normalised by the batch's
+    """QV-PG: -reward back-propagated through the last K denoising steps only, normalised by the batch's
     mean reward magnitude (the learning rate does not depend on Q's scale), with an optional KL to the reference."""
     k = int(torch.randint(1, args.qvpg_k + 1, ()).item()) if args.qvpg_random_k else args.qvpg_k
     cond = space.conditions(args.align_batch)
@@ -639,7 +639,7 @@ def masked_mean(values: torch.Tensor, mask) -> torch.Tensor:
 
 
 def dpo_loss(space, policy, reference, winners, losers, cond, beta: float, kl_coef: float = 0.0, t=None, noise=None):
-    """Diffusion-DPO (DESIGN 4.4): -log sigmoid(-beta (d_theta - d_ref)), d = eps-error(winner) - eps-error(loser)
+    """Diffusion-DPO: -log sigmoid(-beta (d_theta - d_ref)), d = eps-error(winner) - eps-error(loser)
     with the same t and noise for both members of a pair, plus kl_coef times the mean squared difference of the two
     models' noise predictions (divergence control); returns (loss, implicit accuracy)."""
     pairs = winners.shape[0]
@@ -699,7 +699,7 @@ def elbo_proxy(space, model, samples, cond, draws_t, draws_noise) -> torch.Tenso
 
 
 def likelihood_threshold(space, reference, args, dataset_samples: int = 1024) -> tuple:
-    """SFT's acceptance rule (DESIGN 4.5): fixed (t, noise) draws, from a seed of their own, and the sft_quantile of
+    """SFT's acceptance rule: fixed (t, noise) draws, from a seed of their own, and the sft_quantile of
     the reference's ELBO proxy on dataset samples."""
     device = space.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -713,7 +713,7 @@ def likelihood_threshold(space, reference, args, dataset_samples: int = 1024) ->
 
 
 def sft(space, policy, reference, optimizer, args) -> dict:
-    """SFT with a likelihood threshold (DESIGN 4.5): per state the top sft_top_fraction of the samples by reward,
+    """SFT with a likelihood threshold: per state the top sft_top_fraction of the samples by reward,
     those the reference (the model as the SFT stage found it) still finds likely (ELBO proxy under the dataset's
     sft_quantile, made once per reference), fine-tuned on with the ordinary diffusion loss for epochs_per_batch
     steps."""
@@ -744,7 +744,7 @@ def sft(space, policy, reference, optimizer, args) -> dict:
 
 
 def cascade(space, policy, reference, optimizer, args) -> dict:
-    """Cascade training (DESIGN 4.6): `policy` is the cascade, `reference` the model whose samples it refines.
+    """Cascade training: `policy` is the cascade, `reference` the model whose samples it refines.
     Consistent pairs branch cascade_branches continuations from one shared latent per state (stochastic samplers:
     the chain's latent; deterministic ones: the shared sample re-noised to that step's level with fresh noise per
     branch), ranked by reward; every other branch becomes a condition for the best one."""
@@ -775,7 +775,7 @@ def cascade(space, policy, reference, optimizer, args) -> dict:
 
 
 def iql_losses(critic, critic_target, value, batch, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """IQL (DESIGN 3.2; the same text in all three scripts): expectile regression of V on min target-Q, and TD
+    """IQL (the same text in all three scripts): expectile regression of V on min target-Q, and TD
     regression of both Q heads on r + gamma (1 - terminal) V(s')."""
     states, actions, rewards, next_states, terminals = batch
     with torch.no_grad():

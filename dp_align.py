@@ -1,7 +1,7 @@
 """Diffusion Policy aligned with a Q-function: RL, QV-PG, DPO, SFT and cascade alignment.
 
 Paper: "Maximize Your Diffusion: A Study into Reward Maximization and Alignment for Diffusion-based Control"
-(Huh, Mohapatra), the policy half (DESIGN 4).
+(Huh, Mohapatra), the policy half.
 
 Overview. A Diffusion Policy (the *foundation*) learns the dataset's action chunks a_{t:t+Tp} conditioned on the last
 To observations, with any sampler of `common.diffusion` (ddpm, ddim, sm, fm). An IQL critic is trained on the same
@@ -328,7 +328,7 @@ def build_denoiser(args: Args, action_dim: int, cond_dim: int, extra_in_dim: int
 class CascadeDenoiser(nn.Module):
     """The cascade as `model(x, t, cond)` for the sampler: cond = [observation history, flattened conditioning chunk],
     so `samples_per_cond` repeats both together. Warm-started from the foundation with its conditioning-chunk input
-    at zero weight, so it equals the foundation until trained (DESIGN 4.6)."""
+    at zero weight, so it equals the foundation until trained."""
 
     def __init__(self, args: Args, foundation: nn.Module, action_dim: int, obs_cond_dim: int):
         super().__init__()
@@ -418,7 +418,7 @@ class ChunkSpace:
 
 
 class CascadeChunkSpace(ChunkSpace):
-    """The cascade's sample space for its own alignment (DESIGN 4.6): a condition is [observation history, a chunk
+    """The cascade's sample space for its own alignment: a condition is [observation history, a chunk
     the policy `upstream` drew for it], which is how CascadeDenoiser takes it; samples and rewards are ChunkSpace's."""
 
     def __init__(self, space: ChunkSpace, upstream):
@@ -447,7 +447,7 @@ class CascadeChunkSpace(ChunkSpace):
 # optimiser and the arguments, draws one batch and returns detached metrics.
 # ======================================================================================================================
 def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
-    """Advantages per conditioning state (DESIGN 4.2): standardised within each state's group, clipped to +-5."""
+    """Advantages per conditioning state: standardised within each state's group, clipped to +-5."""
     grouped = rewards.view(-1, group)
     advantages = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-8)
     return advantages.clamp(-5, 5).flatten()
@@ -508,7 +508,7 @@ def clipped_step(optimizer: torch.optim.Optimizer, max_grad_norm: float) -> None
 
 
 def rl(space, policy, reference, optimizer, args) -> dict:
-    """RL over the denoising chain (DESIGN 4.3): REINFORCE (- sum_t w_t log p_t A) or PPO-clip (mean over steps of
+    """RL over the denoising chain: REINFORCE (- sum_t w_t log p_t A) or PPO-clip (mean over steps of
     the clipped surrogate, ppo_epochs per batch), with an optional per-step KL to the reference."""
     group = args.group_size
     cond = space.conditions(args.align_batch)
@@ -546,7 +546,7 @@ def rl(space, policy, reference, optimizer, args) -> dict:
 
 
 def qvpg(space, policy, reference, optimizer, args) -> dict:
-    """QV-PG (DESIGN 4.3): -reward back-propagated through the last K denoising steps only, normalised by the batch's
+    """QV-PG: -reward back-propagated through the last K denoising steps only, normalised by the batch's
     mean reward magnitude (the learning rate does not depend on Q's scale), with an optional KL to the reference."""
     k = int(torch.randint(1, args.qvpg_k + 1, ()).item()) if args.qvpg_random_k else args.qvpg_k
     cond = space.conditions(args.align_batch)
@@ -577,7 +577,7 @@ def masked_mean(values: torch.Tensor, mask) -> torch.Tensor:
 
 
 def dpo_loss(space, policy, reference, winners, losers, cond, beta: float, kl_coef: float = 0.0, t=None, noise=None):
-    """Diffusion-DPO (DESIGN 4.4): -log sigmoid(-beta (d_theta - d_ref)), d = eps-error(winner) - eps-error(loser)
+    """Diffusion-DPO: -log sigmoid(-beta (d_theta - d_ref)), d = eps-error(winner) - eps-error(loser)
     with the same t and noise for both members of a pair, plus kl_coef times the mean squared difference of the two
     models' noise predictions (divergence control); returns (loss, implicit accuracy)."""
     pairs = winners.shape[0]
@@ -637,7 +637,7 @@ def elbo_proxy(space, model, samples, cond, draws_t, draws_noise) -> torch.Tenso
 
 
 def likelihood_threshold(space, reference, args, dataset_samples: int = 1024) -> tuple:
-    """SFT's acceptance rule (DESIGN 4.5): fixed (t, noise) draws, from a seed of their own, and the sft_quantile of
+    """SFT's acceptance rule: fixed (t, noise) draws, from a seed of their own, and the sft_quantile of
     the reference's ELBO proxy on dataset samples."""
     device = space.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -651,7 +651,7 @@ def likelihood_threshold(space, reference, args, dataset_samples: int = 1024) ->
 
 
 def sft(space, policy, reference, optimizer, args) -> dict:
-    """SFT with a likelihood threshold (DESIGN 4.5): per state the top sft_top_fraction of the samples by reward,
+    """SFT with a likelihood threshold: per state the top sft_top_fraction of the samples by reward,
     those the reference (the model as the SFT stage found it) still finds likely (ELBO proxy under the dataset's
     sft_quantile, made once per reference), fine-tuned on with the ordinary diffusion loss for epochs_per_batch
     steps."""
@@ -682,7 +682,7 @@ def sft(space, policy, reference, optimizer, args) -> dict:
 
 
 def cascade(space, policy, reference, optimizer, args) -> dict:
-    """Cascade training (DESIGN 4.6): `policy` is the cascade, `reference` the model whose samples it refines.
+    """Cascade training: `policy` is the cascade, `reference` the model whose samples it refines.
     Consistent pairs branch cascade_branches continuations from one shared latent per state (stochastic samplers:
     the chain's latent; deterministic ones: the shared sample re-noised to that step's level with fresh noise per
     branch), ranked by reward; every other branch becomes a condition for the best one."""
@@ -713,7 +713,7 @@ def cascade(space, policy, reference, optimizer, args) -> dict:
 
 
 def iql_losses(critic, critic_target, value, batch, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """IQL (DESIGN 3.2; the same text in all three scripts): expectile regression of V on min target-Q, and TD
+    """IQL (the same text in all three scripts): expectile regression of V on min target-Q, and TD
     regression of both Q heads on r + gamma (1 - terminal) V(s')."""
     states, actions, rewards, next_states, terminals = batch
     with torch.no_grad():

@@ -214,7 +214,7 @@ def validate_args(args: Args) -> None:
 class EnergyModel(nn.Module):
     """Scalar "bottleneck" diffusion model f(a_t|s,t): the sum of a residual MLP's |A| outputs.
 
-    Its noise prediction is eps(a_t|s,t) = -sigma_t * grad_a f(a_t|s,t) (DESIGN 3.1)."""
+    Its noise prediction is eps(a_t|s,t) = -sigma_t * grad_a f(a_t|s,t)."""
 
     def __init__(self, state_dim: int, action_dim: int, args: Args, sde: VPSDE):
         super().__init__()
@@ -243,7 +243,7 @@ def behavior_loss(model: EnergyModel, actions, states, sde: VPSDE) -> torch.Tens
 
 
 def iql_losses(critic, critic_target, value, batch, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """IQL (DESIGN 3.2; the same text in all three scripts): expectile regression of V on min target-Q, and TD
+    """IQL (the same text in all three scripts): expectile regression of V on min target-Q, and TD
     regression of both Q heads on r + gamma (1 - terminal) V(s')."""
     states, actions, rewards, next_states, terminals = batch
     with torch.no_grad():
@@ -272,7 +272,7 @@ def iql_update(critic, critic_target, value, batch, optimizers, args, losses=iql
 
 def alignment_loss(policy: EnergyModel, behavior: EnergyModel, states, candidates, q_labels, args: Args,
                    sde: VPSDE):
-    """Contrastive alignment (DESIGN 3.4). states (B,S), candidates (B,K,A), q_labels (B,K) -> (loss, accuracy).
+    """Contrastive alignment. states (B,S), candidates (B,K,A), q_labels (B,K) -> (loss, accuracy).
 
     One diffusion time per state shared by its K candidates, independent noise per candidate; the logits are
     beta * (f_policy - f_behavior), the targets softmax(q_scale * Q) or one-hot argmax Q."""

@@ -241,7 +241,7 @@ class CompiledOnce:
 
 
 def eda_cases(device: torch.device, data: dict[str, torch.Tensor], train_variants, sample_variants) -> list[Case]:
-    args = eda_d4rl.Args()  # paper network and settings (DESIGN 3)
+    args = eda_d4rl.Args()  # paper network and settings
     sde = VPSDE()
     diffusion = Diffusion("dpm_solver++", steps=args.sampler_steps, sde=sde)
     compiled = CompiledOnce()
@@ -744,7 +744,7 @@ def duration(seconds: float) -> str:
 
 
 def paper_scale_eda_hours(rows: list[Row]) -> list[str]:
-    """EDA at paper scale (DESIGN 3) from the fastest measured rates: 1M behavior steps at batch 2048, 1.5M critic
+    """EDA at paper scale from the fastest measured rates: 1M behavior steps at batch 2048, 1.5M critic
     steps at 256, 16 candidates for each of hopper-medium's ~1M states, 200k alignment steps, and 4 evaluations of
     20 episodes x 1000 steps (20 environments stepped together)."""
     parts = [("behavior, 1M steps at batch 2048", "behavior step, batch 2048", 1_000_000),

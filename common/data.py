@@ -1,6 +1,6 @@
 """Offline datasets and evaluation shared by every script: what `--env NAME` means and how policies are scored.
 
-Name resolution (DESIGN 2.2), first match wins:
+Name resolution, first match wins:
 1. Nav1D: `nav1d-partial|full|expert` (or `nav1d/<kind>-v0`): local Minari datasets made by `nav1d.make_dataset`.
 2. D4RL-style names:
    - locomotion `hopper|halfcheetah|walker2d-<quality>-v<N>` (quality random, medium, expert, medium-replay,

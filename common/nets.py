@@ -2,7 +2,7 @@
 
 Every denoiser follows the call convention of `common/diffusion.py`: `model(x, t, cond)` with `t` the network time in
 [0, 1] of shape (B,). The sequence denoisers (TemporalUNet, DiT1d, MLPDenoiser) take an optional fourth argument
-`x_cond` (B, H, extra_in_dim): the conditioning sample of a cascade model (DESIGN 4.6). It enters through its own
+`x_cond` (B, H, extra_in_dim): the conditioning sample of a cascade model. It enters through its own
 zero-initialised projection `x_cond_proj`, added to the main input projection, so a cascade model loaded with the
 foundation's weights computes exactly the foundation's function until it is trained.
 """
@@ -102,7 +102,7 @@ class MLP(nn.Module):
 
 
 class TwinQ(nn.Module):
-    """Two independent Q heads [S+A -> hidden x layers -> 1] (IQL, DESIGN 3.2); forward returns (q1, q2), each (B,)."""
+    """Two independent Q heads [S+A -> hidden x layers -> 1] (IQL); forward returns (q1, q2), each (B,)."""
 
     def __init__(self, state_dim: int, action_dim: int, hidden: int = 256, layers: int = 2):
         super().__init__()
@@ -166,7 +166,7 @@ class _PreNormResidualBlock(nn.Module):
 
 
 class IDQLResidualMLP(nn.Module):
-    """IDQL-style residual MLP of DESIGN 3.1: forward(x, t, cond) -> (B, out_dim).
+    """IDQL-style residual MLP (EDA's behavior network): forward(x, t, cond) -> (B, out_dim).
 
     EDA sums the outputs into the scalar energy f(a_t | s, t); all activations are smooth so the double backward of
     its score-matching loss is well defined.
@@ -349,7 +349,7 @@ class DiT1d(nn.Module):
     """Small DiT over a chunk: one token per horizon step; forward(x (B,H,x_dim), t, cond, x_cond) -> (B,H,x_dim).
 
     The conditioning vector is time embedding + cond embedding (DP adds the observation embedding to the time
-    embedding, DESIGN 4.1). adaLN-zero blocks and a zero output layer make the untrained model output 0; the output
+    embedding). adaLN-zero blocks and a zero output layer make the untrained model output 0; the output
     layer receives gradients from the first step, so the model trains as usual.
     """
 
@@ -438,7 +438,7 @@ def load_foundation_into_cascade(cascade: nn.Module, foundation_state: dict) -> 
     """Warm-start a cascade model (extra_in_dim > 0) from a foundation state dict of the same architecture.
 
     Every foundation key must load; the only keys allowed to stay at their initial values are those of the
-    zero-initialised conditioning-sample projection, so the cascade starts as the foundation (DESIGN 4.6).
+    zero-initialised conditioning-sample projection, so the cascade starts as the foundation.
     """
     if getattr(cascade, "x_cond_proj", None) is None:
         raise ValueError("load_foundation_into_cascade needs a model built with extra_in_dim > 0")
@@ -603,7 +603,7 @@ class Reference(nn.Module):
 
 def policy_with_reference(foundation: nn.Module, lora_rank: int, lora_alpha: float) -> tuple[nn.Module, Reference]:
     """The model alignment trains (a copy of the foundation with LoRA adapters on its Linear and Conv1d layers, or a
-    trainable full copy when rank is 0) and its frozen reference (DESIGN 4.7)."""
+    trainable full copy when rank is 0) and its frozen reference."""
     policy = copy.deepcopy(foundation)
     if lora_rank > 0:
         inject_lora(policy, lora_rank, lora_alpha, include_conv=True)

@@ -1,7 +1,7 @@
 """Run plumbing shared by every script: errors, presets, seeding, run directories, checkpoints, summaries.
 
-Nothing here is method-specific. The contracts it implements are DESIGN 2.1 (command line, presets), 2.3 (outputs)
-and 2.4 (atomic checkpoints, Ctrl-C, non-finite losses, one-line errors with exit code 2).
+Nothing here is method-specific. What it guarantees (the README's Usage and Robustness sections): one command-line shape with presets, one output
+layout, atomic checkpoints, Ctrl-C and non-finite losses handled, one-line errors with exit code 2.
 """
 
 from __future__ import annotations
@@ -395,7 +395,7 @@ class Run:
 
 
 def start_run(args: Any, script: str) -> Run:
-    """Resolve the run directory (DESIGN 2.1 default), set CPU threads, seed everything, and open the run."""
+    """Resolve the run directory, set CPU threads, seed everything, and open the run."""
     if not args.run_dir:
         if args.resume:
             raise UserError("--resume needs --run-dir pointing at the run to continue")

@@ -201,7 +201,7 @@ class Trainer:
               f"{stats['normalized_mean']:.1f} +- {stats['normalized_std']:.1f}{extra}")
 
     def write_summary(self, script: str, args: Any, family: str) -> None:
-        """summary.json (DESIGN 2.3), the final checkpoint and the results table."""
+        """summary.json, the final checkpoint and the results table."""
         summary = {"script": script, "env": args.env, "seed": args.seed, "stages": self.results,
                    "throughput": self.throughput, "wall_time_s": self.elapsed(), "device": str(self.run.device),
                    "args": dataclasses.asdict(args)}
@@ -269,13 +269,13 @@ def run_alignment(trainer: Trainer, args: Any, methods: list[str], cascade_metho
                   evaluate_model: Callable[[torch.nn.Module | None], dict],
                   online_policy: Callable[[torch.nn.Module | None], Callable], make_env: Callable,
                   retrain_critic: Callable[[str], None], monitor: DivergenceMonitor) -> None:
-    """The --align sequence, --passes times (DESIGN 4.7), as stages "pass{p}/{method}". Per stage: a fresh Adam over
+    """The --align sequence, --passes times, as stages "pass{p}/{method}". Per stage: a fresh Adam over
     what the method trains (the policy's adapters at `{method}_lr`, or the cascade at cascade_lr); DPO's and SFT's
     reference, a frozen snapshot of the policy as the stage finds it; `updates[method](space, trained, reference,
     optimizer, args)` for `{method}_steps` steps; an evaluation `evaluate_model(cascade or None)` at the end (and every
     --eval-every steps), with the cascade once a cascade stage has trained it.
 
-    The cascade (DESIGN 4.6) first learns from consistent pairs of the policy's samples ("pass{p}/cascade"), then
+    The cascade first learns from consistent pairs of the policy's samples ("pass{p}/cascade"), then
     goes through "the same alignment process" as the policy: each of `cascade_methods` trains it in
     `cascade_space()`, whose conditions carry a sample of the policy to improve, with the cascade as the stage found
     it as the reference ("pass{p}/cascade/{method}").

@@ -1,5 +1,5 @@
-"""The alignment methods shared by dp_align.py and diffuser_align.py: the same text in both scripts (DESIGN 1: the
-method visible in each script, one behaviour), the IQL update the same in all three, and the identities of DESIGN 6
+"""The alignment methods shared by dp_align.py and diffuser_align.py: the same text in both scripts (the
+method visible in each script, one behaviour), the IQL update the same in all three, and the identities
 (PPO ratio 1 before the first update, DPO loss log 2 against itself, QV-PG gradients only in the last K steps,
 credit weights of mean 1, standardised advantages, the ELBO proxy ranking likely samples first)."""
 import inspect

@@ -1,4 +1,4 @@
-"""dp_align.py: loss unit tests (DESIGN 6), argument errors, smoke runs of every sampler with every method it supports,
+"""dp_align.py: loss unit tests, argument errors, smoke runs of every sampler with every method it supports,
 Ctrl-C + --resume, and a tiny Hopper-v5 Minari dataset end to end."""
 import json
 import os

@@ -1,8 +1,9 @@
-"""The layout contract (DESIGN 1): a script together with `common/` is all a user copies into their project, so
+"""The layout contract: a script together with `common/` is all a user copies into their project, so
 `common/` never imports a top-level file, and each script runs end to end from such a copy."""
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,3 +51,13 @@ def test_a_script_with_common_alone_runs_end_to_end_on_hopper_data(tmp_path, scr
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((project / "run" / "summary.json").read_text())
     assert np.isfinite(summary["stages"]["aligned"]["normalized_mean"])
+
+
+def test_the_repository_never_points_to_a_design_document_it_does_not_hold():
+    """The repository stands on its own: its code and docs cite the README, the papers or files it holds, never
+    the sections of the team's design notes, which are not part of it."""
+    citation = re.compile(r"\bDESIGN(\.md| \d| section)")
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    citing = [name for name in tracked.split() if name.endswith((".py", ".md", ".sh"))
+              and citation.search((REPO_ROOT / name).read_text(encoding="utf-8"))]
+    assert citing == [], f"these files cite design notes that are not in the repository: {citing}"

@@ -1,4 +1,4 @@
-"""Learning checks (DESIGN section 6): on nav1d-full with a fixed seed, every alignment method alone, and the default
+"""Learning checks: on nav1d-full with a fixed seed, every alignment method alone, and the default
 sequence, must raise the return of its script's foundation model by a clear margin; EDA's alignment must raise both
 its best-of-4 and its one-sample return.
 

@@ -88,7 +88,7 @@ def test_idql_residual_mlp_hopper_shapes_and_size():
     model = IDQLResidualMLP(x_dim=3, cond_dim=11)
     out = model(torch.randn(B, 3), torch.rand(B), torch.randn(B, 11))
     assert out.shape == (B, 3)
-    # DESIGN 3.1 layer by layer: time MLP 2*(32*32+32), x 3*128+128, state 11*96+96, input 256*256+256,
+    # EDA's behavior network layer by layer: time MLP 2*(32*32+32), x 3*128+128, state 11*96+96, input 256*256+256,
     # 3 blocks of [LayerNorm 2*256, 256*1024+1024, 1024*256+256], head 256*3+3. The "~1.85M" quoted for EDA also
     # counts an unused Linear(256, 256) per block in the authors' code (3 * 65,792 more: 1,845,955) that never
     # enters the forward pass, so the function computed is the same.

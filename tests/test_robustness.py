@@ -1,4 +1,4 @@
-"""DESIGN 2.4 for every script: crashes lose at most `save_every` steps, damaged checkpoints are detected, foreign
+"""Robustness of every script: crashes lose at most `save_every` steps, damaged checkpoints are detected, foreign
 checkpoints are refused, and bad input exits with code 2 and one line (no traceback).
 
 Each script's own test file covers its Ctrl-C path, its non-finite-loss stop and same-seed determinism; this file
