@@ -286,7 +286,8 @@ def validate(args: Args) -> tuple[list[str], list[str]]:
     checks = [(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1") for name in positive]
     checks += [(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0") for name in non_negative]
     checks += [(0 < getattr(args, name) <= 1, f"--{name.replace('_', '-')} must be in (0, 1]")
-               for name in ("sft_top_fraction", "sft_quantile", "ema_decay", "gamma", "polyak")]
+               for name in ("sft_top_fraction", "sft_quantile", "gamma", "polyak")]
+    checks += [(0 <= args.ema_decay < 1, "--ema-decay must be in [0, 1) (1 would keep the random initial weights)")]
     checks += [(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0")
                for name in ("dpo_beta", "ppo_clip", "credit_decay", "softmax_temperature", "max_grad_norm",
                             "foundation_lr", "critic_lr", "rl_lr", "qvpg_lr", "dpo_lr", "sft_lr", "cascade_lr",

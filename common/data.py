@@ -365,6 +365,9 @@ def read_d4rl_hdf5(path: Path, name: str) -> tuple[dict[str, np.ndarray], bool]:
             f"cannot read D4RL file {path} ({_one_line(error)}); delete it and download it again"
         ) from None
     count = len(raw["rewards"])
+    if count < 2:
+        raise DatasetError(f"dataset {name} ({source}) has {count} rows; it is empty or damaged, delete it and "
+                           f"download it again")
     if raw["observations"].ndim != 2 or raw["actions"].ndim != 2:
         raise DatasetError(f"dataset {name} ({source}) is malformed: observations and actions must be 2-d arrays")
     for key in ("observations", "actions", "terminals", "timeouts") + (

@@ -56,6 +56,11 @@ def cli(main: Callable[[Any], None], args_type: type) -> None:
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except OSError as error:  # the file system said no: a path that cannot be made, a read-only or full disk
+        where = f" '{error.filename}'" if error.filename else ""
+        print(f"error: cannot use{where}: {error.strerror or error}; check the path, its permissions and free "
+              f"space", file=sys.stderr)
+        sys.exit(2)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -218,10 +223,16 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None], keep_previous: 
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException as error:  # a full disk or Ctrl-C mid-write: no half file is left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and not error.filename:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     if keep_previous is not None and path.exists():
         os.replace(path, keep_previous)
     os.replace(tmp, path)
@@ -334,6 +345,12 @@ class Run:
         self.latest = self.checkpoint_dir / "latest.pt"
         self.previous = self.checkpoint_dir / "previous.pt"
         self.device = resolve_device(args.device)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"--run-dir '{self.run_dir}' is a file, not a folder")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--run-dir '{self.run_dir}' cannot be made ({error.strerror})") from None
         self._check_run_dir()
         self.lock = ExclusiveLock(self.run_dir / ".lock", f"run directory '{self.run_dir}'")
         try:

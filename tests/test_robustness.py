@@ -7,6 +7,7 @@ checks the contracts that all scripts share, the same way for each.
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -151,6 +152,10 @@ def broken_d4rl_files(tmp_path_factory):
         handle["terminals"] = np.zeros(size, bool)
         handle["timeouts"] = np.arange(size) % 25 == 24
     (folder / "walker2d_medium-v2.hdf5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
+    with h5py.File(folder / "hopper_expert-v2.hdf5", "w") as handle:  # every key there, no rows
+        for key, shape, dtype in [("observations", (0, 11), np.float32), ("actions", (0, 3), np.float32),
+                                  ("rewards", (0,), np.float32), ("terminals", (0,), bool), ("timeouts", (0,), bool)]:
+            handle[key] = np.zeros(shape, dtype)
     return folder
 
 
@@ -167,15 +172,19 @@ BAD_INPUT = {
     "dataset not on disk": (["--env", "halfcheetah-medium-v2"], ["halfcheetah-medium-v2"]),
     "truncated dataset file": (["--env", "walker2d-medium-v2"], ["walker2d"]),
     "NaN rewards": (["--env", "hopper-medium-v2"], ["non-finite"]),
+    "dataset file without rows": (["--env", "hopper-expert-v2"], ["0 rows"]),
     "resume with nothing": (["--env", "nav1d-full", "--resume"], ["--resume"]),
 }
 PER_SCRIPT_BAD_INPUT = {
     "eda_d4rl": {"K < 2": ["--K", "1"], "beta <= 0": ["--beta", "0"], "data_ratio > 1": ["--data-ratio", "1.5"],
                  "data_ratio = 0": ["--data-ratio", "0"]},
     "dp_align": {"unknown method": ["--align", "rl,ppo2"], "deterministic sampler with rl":
-                 ["--sampler", "ddim", "--align", "rl"]},
+                 ["--sampler", "ddim", "--align", "rl"], "a method twice": ["--align", "rl,rl"],
+                 "no method": ["--align="], "EMA that never moves": ["--ema-decay", "1"],
+                 "no PPO epochs": ["--ppo-epochs", "0"]},
     "diffuser_align": {"unknown method": ["--align", "rl,ppo2"], "horizon not a power of two": ["--horizon", "12"],
-                       "deterministic sampler with rl": ["--sampler", "fm", "--align", "rl"]},
+                       "deterministic sampler with rl": ["--sampler", "fm", "--align", "rl"],
+                       "a method twice": ["--align", "dpo,dpo"]},
 }
 
 
@@ -194,6 +203,44 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, script, case):
                  str(tmp_path / "run"), timeout=120)
     assert_one_line_error(result)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("case", ["a file", "under a file"])
+def test_a_run_dir_that_cannot_be_made_exits_2_with_one_line(tmp_path, script, case):
+    (tmp_path / "taken").write_text("not a folder")
+    run_dir = tmp_path / "taken" / ("" if case == "a file" else "run")
+    result = run(script, "--env", "nav1d-full", "--run-dir", str(run_dir), timeout=120)
+    assert_one_line_error(result, "--run-dir", str(run_dir))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_data_folder_that_cannot_be_made_exits_2_with_one_line(tmp_path, monkeypatch, script):
+    """A Nav1D dataset is made on first use; MINARI_DATASETS_PATH pointing under a file cannot hold it."""
+    (tmp_path / "taken").write_text("not a folder")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "taken" / "datasets"))
+    result = run(script, "--env", "nav1d-partial", "--run-dir", str(tmp_path / "run"), timeout=120)
+    assert_one_line_error(result, str(tmp_path / "taken"))
+
+
+def test_a_figure_path_that_cannot_be_made_exits_2_with_one_line(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    result = run("nav1d", "--dataset", "full", "--figure", str(tmp_path / "taken" / "task.png"), timeout=120)
+    assert_one_line_error(result, str(tmp_path / "taken"))
+
+
+def test_a_full_disk_while_saving_exits_2_and_leaves_no_half_file(tmp_path):
+    """The file-size limit stands in for a full disk: the first checkpoint larger than it cannot be written."""
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "dp_align.py", "--env", "nav1d-full", *TINY_DP, "--run-dir",
+                             str(run_dir)], cwd=REPO_ROOT, env=script_env(), capture_output=True, text=True,
+                            timeout=300, preexec_fn=small_disk)
+    assert_one_line_error(result, "File too large", str(run_dir / "checkpoints" / "latest.pt"))
+    assert list(run_dir.rglob("*.tmp*")) == []
 
 
 @pytest.mark.parametrize("script, flag", [("dp_align", "--sampler"), ("diffuser_align", "--sampler"),
