@@ -208,6 +208,12 @@ def default_run_dir(env: str, exp_name: str, seed: int) -> str:
     return f"runs/{env.replace('/', '_')}__{exp_name}__{seed}__{int(time.time())}"
 
 
+def arguments_table(args: Any) -> str:
+    """The resolved arguments as a Markdown table, for TensorBoard's text tab (CleanRL's layout)."""
+    rows = "\n".join(f"|{name}|{value}|" for name, value in args_to_dict(args).items())
+    return f"|argument|value|\n|-|-|\n{rows}"
+
+
 def args_to_dict(args: Any) -> dict:
     return {key: (str(value) if isinstance(value, Path) else value) for key, value in dataclasses.asdict(args).items()}
 
@@ -362,6 +368,7 @@ class Run:
             leftover.unlink()  # half-written files of a process killed while saving
         (self.run_dir / "args.json").write_text(json.dumps(args_to_dict(args), indent=2, default=str))
         self.writer = SummaryWriter(str(self.run_dir))
+        self.writer.add_text("hyperparameters", arguments_table(args))
         self._interrupted = False
         self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
