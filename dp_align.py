@@ -866,8 +866,12 @@ def main(args: Args) -> None:
     trainer.state.update(normalizer=normalizer.state_dict(), online=None)
     if args.resume:
         trainer.resume(run.load_checkpoint())
-    transitions = Transitions(**model_transitions(data, normalizer, trainer.state["online"], device))
+    transitions = Transitions(**model_transitions(data, normalizer, device=device))
     space = ChunkSpace(args, diffusion, transitions, critic_target, action_dim)
+    monitor = DivergenceMonitor(space, seed=args.seed)  # its fixed batch from the offline data, resumed or not
+    if trainer.state["online"] is not None:  # resumed after an online collection: the data as it was then
+        transitions = space.transitions = Transitions(**model_transitions(data, normalizer, trainer.state["online"],
+                                                                          device))
     compiled = CompiledModules(args.compile)
     print(f"data: {data.source}, {len(transitions)} transitions; denoiser {count_parameters(foundation_net):,} "
           f"parameters; device {device}")
@@ -902,7 +906,6 @@ def main(args: Args) -> None:
     def evaluation_policy(model, cascade_model) -> RecedingHorizonPolicy:
         return RecedingHorizonPolicy(space, compiled(model), cascade_model, value, data, normalizer, graphs)
 
-    monitor = DivergenceMonitor(space, seed=args.seed)
     if "foundation" not in trainer.results:
         policy_fn = evaluation_policy(foundation, None)
         trainer.record("foundation", evaluate_policy(policy_fn, data, args) | monitor(foundation))

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = 2  # 2: bookkeeping of common.training.Trainer (done stages, global step, script state)
+# Fault injection for the crash tests: "STAGE@STEP" makes a run SIGKILL itself right after it has written a checkpoint
+# inside STAGE at a step >= STEP, the worst moment a real crash can pick (nothing after that checkpoint is on disk).
+CRASH_AFTER_CHECKPOINT = "DIFFUSION_CRASH_AFTER_CHECKPOINT"
 
 
 class UserError(Exception):
@@ -392,6 +395,11 @@ class Run:
         """Write latest.pt atomically, keeping the one before it as previous.pt."""
         payload = dict(state, format=CHECKPOINT_FORMAT, script=self.script, args=args_to_dict(self.args))
         atomic_write_bytes(self.latest, lambda handle: torch.save(payload, handle), keep_previous=self.previous)
+        crash_at = os.environ.get(CRASH_AFTER_CHECKPOINT, "")
+        if crash_at:
+            stage, _, step = crash_at.rpartition("@")
+            if state["stage"] == stage and state["step"] >= int(step):
+                os.kill(os.getpid(), signal.SIGKILL)
         return self.latest
 
     def load_checkpoint(self) -> dict | None:

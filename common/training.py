@@ -63,7 +63,8 @@ class Trainer:
 
     def resume(self, checkpoint: dict) -> None:
         """Continue from `checkpoint`: bookkeeping, script state, RNG, and every registered module and optimiser it
-        holds. Modules made later in the run (an aligned policy, a cascade) are loaded when registered (`adopt`)."""
+        holds. Modules made later in the run (an aligned policy, a cascade) are loaded when registered (`adopt_module`);
+        an optimiser registered later belongs to one stage and is loaded only inside it (`adopt_optimizer`)."""
         self.checkpoint = checkpoint
         self.stage, self.step, self.global_step = checkpoint["stage"], checkpoint["step"], checkpoint["global_step"]
         self.done, self.results = checkpoint["done"], checkpoint["results"]
@@ -71,8 +72,9 @@ class Trainer:
         self.elapsed_before = checkpoint["elapsed_s"]
         for name in list(self.models):
             self.adopt_module(name, self.models[name])
-        for name in list(self.optimizers):
-            self.adopt_optimizer(name, self.optimizers[name], self.stage)
+        for name, optimizer in self.optimizers.items():  # these live across stages (the critic's is used again
+            if name in checkpoint["optimizers"]:            # by online stages): their state whatever the stage
+                optimizer.load_state_dict(checkpoint["optimizers"][name])
         restore_rng(checkpoint["rng"])
         print(f"resuming stage {self.stage or '(between stages)'} at step {self.step}")
 

@@ -11,7 +11,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -19,23 +18,38 @@ import numpy as np
 import pytest
 import torch
 
+from common.runtime import CRASH_AFTER_CHECKPOINT
 from conftest import REPO_ROOT
 from test_diffuser_align import TINY as TINY_DIFFUSER
 from test_dp_align import TINY as TINY_DP
 from test_eda import TINY_NAV1D as TINY_EDA
 
 SAVE_EVERY = 10
-# The test must see a checkpoint inside a stage before the run leaves it. A critic step is so cheap that 60 of them
-# can pass between two polls on a loaded machine (seen in CI), so the critic stage runs 600 steps.
-CRITIC = ("critic", "--critic-steps", 600)
-# For each script: tiny Nav1D arguments, and the three stages a SIGKILL lands in: (stage, flag sizing it, steps).
+STEPS = 30  # of every training stage: checkpoints at 10 and 20 inside it
+# For each script: tiny Nav1D arguments that run every stage it has, and the checkpoints after which the run is killed,
+# one inside each stage: the evaluations, each alignment method, the cascade's own alignment and the online stage
+# included (common.runtime.CRASH_AFTER_CHECKPOINT).
+ALIGN_STEPS = [flag for method in ("rl", "qvpg", "dpo", "sft", "cascade") for flag in (f"--{method}-steps", str(STEPS))]
 SCRIPTS = {
-    "eda_d4rl": (TINY_EDA, [("behavior", "--behavior-steps", 60), CRITIC, ("alignment", "--align-steps", 60)]),
-    "dp_align": ([*TINY_DP, "--align", "dpo"], [("foundation", "--foundation-steps", 60), CRITIC,
-                                                ("dpo", "--dpo-steps", 60)]),
-    "diffuser_align": ([*TINY_DIFFUSER, "--align", "dpo"], [("foundation", "--foundation-steps", 60), CRITIC,
-                                                            ("dpo", "--dpo-steps", 60)]),
+    "eda_d4rl": ([*TINY_EDA, "--behavior-steps", str(STEPS), "--critic-steps", str(STEPS), "--align-steps",
+                  str(STEPS), "--candidate-batch-size", "400"],
+                 ["behavior@20", "critic@20", "candidates@1", "alignment@20", "evaluation@1", "evaluation@3"]),
+    "dp_align": ([*TINY_DP, "--foundation-steps", str(STEPS), "--critic-steps", str(STEPS), *ALIGN_STEPS,
+                  "--align", "rl,qvpg,dpo,sft,cascade", "--passes", "2", "--online-episodes", "2",
+                  "--online-critic-steps", str(STEPS)],
+                 ["foundation@20", "critic@20", "foundation evaluation@0", "pass1/rl@20", "pass1/qvpg@20",
+                  "pass1/dpo@20", "pass1/sft@20", "pass1/cascade@20", "pass1/cascade/rl@20", "pass2/online@20",
+                  "pass2/sft@20"]),
+    "diffuser_align": ([*TINY_DIFFUSER, "--planner", "dd", "--foundation-steps", str(STEPS), "--critic-steps",
+                        str(STEPS), "--inverse-dynamics-steps", str(STEPS), *ALIGN_STEPS,
+                        "--align", "rl,qvpg,dpo,sft,cascade"],
+                       ["foundation@20", "inverse_dynamics@20", "critic@20", "foundation evaluation@0",
+                        "pass1/rl@20", "pass1/qvpg@20", "pass1/dpo@20", "pass1/sft@20", "pass1/cascade@20",
+                        "pass1/cascade/rl@20"]),
 }
+# the arguments of the other tests here: tiny runs with one alignment method
+TINY_RUNS = {"eda_d4rl": TINY_EDA, "dp_align": [*TINY_DP, "--align", "dpo"],
+             "diffuser_align": [*TINY_DIFFUSER, "--align", "dpo"]}
 
 
 def script_env() -> dict:
@@ -47,34 +61,8 @@ def run(script: str, *argv: str, timeout: int = 600) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=timeout)
 
 
-def read_checkpoint(path: Path) -> dict | None:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # not written yet, or replaced while we read it
-        return None
-
-
-def kill_inside_stage(command: list[str], run_dir: Path, stage: str) -> int:
-    """Start `command`, SIGKILL it once a checkpoint inside `stage` exists; returns the checkpoint's step."""
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=script_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    latest = run_dir / "checkpoints" / "latest.pt"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"the run ended before a checkpoint inside '{stage}': {process.stderr.read()[-2000:]}")
-            state = read_checkpoint(latest) if latest.exists() else None
-            # two saves inside the stage, so that a previous checkpoint exists to fall back on
-            if state is not None and stage in str(state["stage"]) and state["step"] >= 2 * SAVE_EVERY:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                return state["step"]
-            time.sleep(0.05)
-        pytest.fail(f"no checkpoint inside '{stage}' within 300 s")
-    finally:
-        if process.poll() is None:
-            process.kill()
+def read_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def numbers(summary_path: Path) -> dict:
@@ -85,31 +73,34 @@ def numbers(summary_path: Path) -> dict:
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_sigkill_in_every_stage_then_resume_matches_an_uninterrupted_run(tmp_path, script):
-    tiny, stages = SCRIPTS[script]
-    argv = ["--env", "nav1d-full", *tiny, "--save-every", str(SAVE_EVERY)]
-    for _, flag, steps in stages:
-        argv += [flag, str(steps)]
+    """Killed right after a checkpoint inside each stage in turn, resumed each time: the same numbers as a run that
+    was never interrupted. After the first kill latest.pt is also truncated, so that resume must use previous.pt."""
+    argv, crashes = SCRIPTS[script]
+    argv = ["--env", "nav1d-full", *argv, "--save-every", str(SAVE_EVERY)]
     reference = run(script, *argv, "--run-dir", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     run_dir = tmp_path / "crashed"
     command = [sys.executable, f"{script}.py", *argv, "--run-dir", str(run_dir)]
-    for index, (stage, _, steps) in enumerate(stages):
-        step = kill_inside_stage(command + (["--resume"] if index else []), run_dir, stage)
-        assert 2 * SAVE_EVERY <= step < steps
-        if index == 0:  # a crash can also leave a damaged file: the previous checkpoint must be used
-            checkpoints = run_dir / "checkpoints"
-            source = checkpoints / ("latest.pt" if (checkpoints / "latest.pt").exists() else "previous.pt")
-            (checkpoints / "latest.pt").write_bytes(source.read_bytes()[:1000])
+    for index, crash in enumerate(crashes):
+        killed = subprocess.run(command + (["--resume"] if index else []), cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=600, env=dict(script_env(), **{CRASH_AFTER_CHECKPOINT: crash}))
+        assert killed.returncode == -signal.SIGKILL, (crash, killed.stderr[-3000:])
+        state = read_checkpoint(run_dir / "checkpoints" / "latest.pt")
+        stage, _, step = crash.rpartition("@")
+        assert state["stage"] == stage and state["step"] >= int(step)
+        if index == 0:
+            latest = run_dir / "checkpoints" / "latest.pt"
+            latest.write_bytes(latest.read_bytes()[:1000])
     resumed = subprocess.run(command + ["--resume"], cwd=REPO_ROOT, env=script_env(), capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert re.search(rf"resuming.*{stages[-1][0]}", resumed.stdout + resumed.stderr), resumed.stdout[-2000:]
+    assert re.search(rf"resuming.*{crashes[-1].rpartition('@')[0]}", resumed.stdout), resumed.stdout[-2000:]
     assert numbers(run_dir / "summary.json") == numbers(tmp_path / "reference" / "summary.json")
 
 
 def test_truncated_checkpoint_without_a_previous_one_is_a_clear_error(tmp_path):
-    tiny, _ = SCRIPTS["eda_d4rl"]
+    tiny = TINY_RUNS["eda_d4rl"]
     run_dir = tmp_path / "run"
     result = run("eda_d4rl", "--env", "nav1d-full", *tiny, "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -122,14 +113,14 @@ def test_truncated_checkpoint_without_a_previous_one_is_a_clear_error(tmp_path):
 
 
 def test_checkpoints_of_another_script_are_refused(tmp_path):
-    tiny, _ = SCRIPTS["eda_d4rl"]
+    tiny = TINY_RUNS["eda_d4rl"]
     eda_run = tmp_path / "eda"
     assert run("eda_d4rl", "--env", "nav1d-full", *tiny, "--run-dir", str(eda_run)).returncode == 0
     for script in ("dp_align", "diffuser_align"):
-        result = run(script, "--env", "nav1d-full", *SCRIPTS[script][0], "--run-dir", str(eda_run), "--resume")
+        result = run(script, "--env", "nav1d-full", *TINY_RUNS[script], "--run-dir", str(eda_run), "--resume")
         assert result.returncode == 2, (script, result.stderr[-2000:])
         assert "eda_d4rl.py" in result.stderr and "Traceback" not in result.stderr
-        result = run(script, "--env", "nav1d-full", *SCRIPTS[script][0], "--run-dir", str(tmp_path / script),
+        result = run(script, "--env", "nav1d-full", *TINY_RUNS[script], "--run-dir", str(tmp_path / script),
                      "--load-critic", str(eda_run / "checkpoints" / "latest.pt"))
         assert result.returncode == 2, (script, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
@@ -254,7 +245,7 @@ def test_unknown_sampler_or_planner_is_refused(tmp_path, script, flag):
 def test_a_diverging_later_stage_keeps_the_last_good_checkpoint(tmp_path, script):
     """The critic blows up after the first stage was checkpointed: the run stops naming the stage, and what is left on
     disk is a readable checkpoint whose weights are all finite."""
-    tiny, _ = SCRIPTS[script]
+    tiny = TINY_RUNS[script]
     run_dir = tmp_path / "diverging"
     result = run(script, "--env", "nav1d-full", *tiny, "--critic-lr", "1e30", "--run-dir", str(run_dir))
     assert result.returncode == 1, result.stderr[-2000:]
@@ -267,9 +258,9 @@ def test_a_diverging_later_stage_keeps_the_last_good_checkpoint(tmp_path, script
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_takes_the_runs_own_arguments_and_refuses_changing_the_experiment(tmp_path, script):
-    tiny, stages = SCRIPTS[script]
+    tiny = TINY_RUNS[script]
     run_dir = tmp_path / "run"
-    first_stage_steps = stages[0][1]
+    first_stage_steps = {"eda_d4rl": "--behavior-steps"}.get(script, "--foundation-steps")
     made = run(script, "--env", "nav1d-partial", *tiny, "--run-dir", str(run_dir))
     assert made.returncode == 0, made.stderr[-3000:]
     saved = (run_dir / "args.json").read_text()
