@@ -5,13 +5,13 @@ Name resolution, first match wins:
 2. D4RL-style names:
    - locomotion `hopper|halfcheetah|walker2d-<quality>-v<N>` (quality random, medium, expert, medium-replay,
      medium-expert, full-replay):
-     a) the raw D4RL HDF5 file, read with h5py, evaluated on the Gymnasium env (Hopper-v5, HalfCheetah-v5,
-        Walker2d-v5). Looked for in $D4RL_DATASET_DIR (if set) and then ~/.d4rl/datasets/, under the name d4rl
-        itself stores it, `<env>_<quality with _>-v<N>.hdf5` (e.g. hopper_medium_replay-v2.hdf5), or under
-        `<name>.hdf5` (e.g. hopper-medium-replay-v2.hdf5).
-     c) otherwise, for medium and expert, the Minari dataset `mujoco/<env>/<quality>-v0` (different data, one
-        printed line says so).
-   - b) Minari ports: `antmaze-<task>-v<N>` -> D4RL/antmaze/<task>-v1, `kitchen-<task>-v<N>` -> D4RL/kitchen/<task>-v2,
+     the raw D4RL HDF5 file, read with h5py, evaluated on the Gymnasium env (Hopper-v5, HalfCheetah-v5,
+     Walker2d-v5). Looked for in $D4RL_DATASET_DIR (if set) and then ~/.d4rl/datasets/, under the name d4rl
+     itself stores it, `<env>_<quality with _>-v<N>.hdf5` (e.g. hopper_medium_replay-v2.hdf5), or under
+     `<name>.hdf5` (e.g. hopper-medium-replay-v2.hdf5). A missing -v2 file is downloaded into the first of those
+     folders (common.download: resumable, checked) from the official server, then the public mirror, or from the
+     prefixes in $D4RL_MIRROR. If that fails the name is an error: it never loads other data in its place.
+   - Minari ports: `antmaze-<task>-v<N>` -> D4RL/antmaze/<task>-v1, `kitchen-<task>-v<N>` -> D4RL/kitchen/<task>-v2,
      `<pen|hammer|door|relocate>-<human|cloned|expert>-v<N>` -> D4RL/<task>/<kind>-v2.
 3. Anything else is taken as a Minari dataset id (`mujoco/hopper/medium-v0`, `D4RL/antmaze/umaze-v1`, ...).
 A Minari dataset missing from disk is downloaded once with `minari.download_dataset`; if that fails the loader
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from minari.dataset.minari_storage import is_image_space
 
+from common.download import DownloadError, download
 from common.runtime import UserError
 
 
@@ -58,7 +59,9 @@ ANTMAZE_TASKS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "lar
 KITCHEN_TASKS = ("complete", "partial", "mixed")
 ADROIT_TASKS = ("pen", "hammer", "door", "relocate")
 ADROIT_KINDS = ("human", "cloned", "expert")
-D4RL_V2_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
+D4RL_SERVER = "http://rail.eecs.berkeley.edu/datasets/offline_rl/"  # the official source of the raw files
+D4RL_PUBLIC_MIRROR = "https://huggingface.co/datasets/imone/D4RL/resolve/main/"  # the same files, in one folder
+D4RL_MIRROR_VARIABLE = "D4RL_MIRROR"  # URL prefixes (space-separated) tried in order instead of the two above
 D4RL_REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 MINARI_GET = "minari download"  # the README install has minari's hf extra, which downloads need
 EVAL_SEED_STREAM = 0xE7A1  # separates evaluation seeds from every other use of the run seed
@@ -343,6 +346,37 @@ def d4rl_file_names(env: str, quality: str, version: str) -> list[str]:
     return [f"{env}_{quality.replace('-', '_')}-v{version}.hdf5", f"{env}-{quality}-v{version}.hdf5"]
 
 
+def d4rl_file_path(env: str, quality: str, version: str) -> str | None:
+    """Where a locomotion file lies under D4RL_SERVER (gym_mujoco_v2/hopper_medium_replay-v2.hdf5); None for the
+    versions this project does not download (v0 and v1 files have other names on the server)."""
+    return f"gym_mujoco_v2/{d4rl_file_names(env, quality, version)[0]}" if version == "2" else None
+
+
+def d4rl_urls(file_path: str) -> list[str]:
+    """The sources of a raw D4RL file, in the order they are tried: $D4RL_MIRROR's prefixes when set, otherwise the
+    official server, then the public mirror (which keeps every file in one folder)."""
+    prefixes = os.environ.get(D4RL_MIRROR_VARIABLE, "").split()
+    if prefixes:
+        return [prefix.rstrip("/") + "/" + file_path for prefix in prefixes]
+    return [D4RL_SERVER + file_path, D4RL_PUBLIC_MIRROR + Path(file_path).name]
+
+
+def check_d4rl_file(path: Path) -> None:
+    """ValueError unless `path` is an HDF5 file with the keys the loader needs, in rows of one length."""
+    try:
+        with h5py.File(path, "r") as file:
+            missing = [key for key in D4RL_REQUIRED_KEYS if key not in file]
+            if missing:
+                raise ValueError(f"the file lacks the keys {', '.join(missing)}")
+            rows = {key: file[key].shape[0] if file[key].shape else 0 for key in D4RL_REQUIRED_KEYS}
+    except ValueError:
+        raise
+    except Exception as error:  # h5py's OSError for a file that is not HDF5 or is cut short
+        raise ValueError(f"not a readable HDF5 file ({_one_line(error)})") from None
+    if len(set(rows.values())) != 1 or rows["rewards"] < 2:
+        raise ValueError(f"its arrays have {', '.join(f'{key} {count}' for key, count in rows.items())} rows")
+
+
 def read_d4rl_hdf5(path: Path, name: str) -> tuple[dict[str, np.ndarray], bool]:
     """Transition arrays of a D4RL file (keys observations, actions, rewards, terminals, timeouts[, next_observations]).
 
@@ -452,29 +486,30 @@ def minari_port(family: str, task: str, kind: str) -> str:
 
 
 def _load_locomotion(name: str, env: str, quality: str, version: str) -> OfflineData:
+    """The raw D4RL file: found on disk, or downloaded into the first D4RL folder. Never other data in its place."""
     candidates = [directory / file for directory in d4rl_directories()
                   for file in d4rl_file_names(env, quality, version)]
     for path in candidates:
         if path.is_file():
             return _from_d4rl_file(name, path, env)
     d4rl_file, plain_file = d4rl_file_names(env, quality, version)
-    looked = (f"no D4RL file {d4rl_file} (or {plain_file}) in "
-              f"{' or '.join(str(directory) for directory in d4rl_directories())}")
     directory = d4rl_directories()[0]
-    get_d4rl = (f"wget -P {directory} {D4RL_V2_URL}{d4rl_file}" if version == "2"
-                else f"put the D4RL file {d4rl_file} into {directory}")
-    if quality not in MINARI_MUJOCO_QUALITIES:
-        raise DatasetError(f"dataset {name} not found: {looked} (and Minari has no port of it); get it with: {get_d4rl}")
-    minari_id = f"mujoco/{env}/{quality}-v0"
-    dataset, why = _find_minari(minari_id)
-    if dataset is None:
-        raise DatasetError(
-            f"dataset {name} not found: {looked}, and Minari {minari_id} is {why}; get it with: {get_d4rl} "
-            f"(or, different data: {MINARI_GET} {minari_id})"
-        )
-    print(f"note: {name} is not on disk as a D4RL file; using Minari {minari_id} instead, which is NOT the same "
-          f"data as D4RL (collected on {LOCOMOTION_ENVS[env]}); scores still use the D4RL reference returns")
-    return _from_minari(name, dataset, family_hint=("locomotion", env))
+    looked = (f"no D4RL file {d4rl_file} (or {plain_file}) in "
+              f"{' or '.join(str(folder) for folder in d4rl_directories())}")
+    similar = (f"; similar (not the same) data: --env mujoco/{env}/{quality}-v0"
+               if quality in MINARI_MUJOCO_QUALITIES else "")
+    file_path = d4rl_file_path(env, quality, version)
+    if file_path is None:
+        raise DatasetError(f"dataset {name} not found: {looked}; only -v2 files are downloaded, put {d4rl_file} "
+                           f"into {directory}{similar}")
+    urls = d4rl_urls(file_path)
+    print(f"{name}: {looked}; downloading it from {urls[0]}")
+    try:
+        download(urls, directory / d4rl_file, check_d4rl_file)
+    except DownloadError as error:
+        raise DatasetError(f"dataset {name} not found: {looked}, and the download into {directory} failed "
+                           f"({error}){similar}") from None
+    return _from_d4rl_file(name, directory / d4rl_file, env)
 
 
 def load_offline_data(name: str) -> OfflineData:

@@ -21,6 +21,19 @@ def minari_datasets_path(tmp_path_factory):
         os.environ["MINARI_DATASETS_PATH"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_dataset_downloads_from_the_internet():
+    """D4RL files are fetched only from servers a test starts on 127.0.0.1: by default from a port where nothing
+    listens (connections are refused at once), so a missing file is an error, never a download."""
+    previous = os.environ.get("D4RL_MIRROR")
+    os.environ["D4RL_MIRROR"] = "http://127.0.0.1:9/"
+    yield
+    if previous is None:
+        os.environ.pop("D4RL_MIRROR", None)
+    else:
+        os.environ["D4RL_MIRROR"] = previous
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """For modules of many small tensor ops: extra threads only contend on the shared 2-core test machine."""
