@@ -92,11 +92,12 @@ def method_jobs(out: Path, seeds) -> tuple[list[Job], list[Job]]:
             shared = ["--env", f"nav1d-{data}", "--load-foundation", checkpoint, "--load-critic", checkpoint]
             for method in SINGLE_METHODS:
                 variants.append(Job("dp_align", [*shared, "--align", method], seed,
-                                    out / f"method_{method}_{data}_s{seed}", {"method": method, "data": data}))
+                                    out / f"method_{method}_{data}_s{seed}", {"method": method, "data": data},
+                                    needs=base_job.run_dir))
             for passes in (2, 3):
                 variants.append(Job("dp_align", [*shared, "--align", "rl,dpo,sft", "--passes", str(passes)], seed,
                                     out / f"method_seq{passes}_{data}_s{seed}",
-                                    {"method": f"rl,dpo,sft x{passes}", "data": data}))
+                                    {"method": f"rl,dpo,sft x{passes}", "data": data}, needs=base_job.run_dir))
     return base, variants
 
 
@@ -109,8 +110,15 @@ def eda_ratio_jobs(out: Path, seeds) -> tuple[list[Job], list[Job]]:
         checkpoint = str(job.run_dir / "checkpoints" / "latest.pt")
         variants += [Job("eda_d4rl", ["--env", "nav1d-full", "--data-ratio", str(ratio), "--load-behavior", checkpoint,
                                       "--load-critic", checkpoint], job.seed, out / f"eda_ratio{ratio}_s{job.seed}",
-                         {"ratio": ratio}) for ratio in DATA_RATIOS if ratio < 1]
+                         {"ratio": ratio}, needs=job.run_dir) for ratio in DATA_RATIOS if ratio < 1]
     return full, variants
+
+
+def seed_by_seed(first: list[Job], dependent: list[Job]) -> list[Job]:
+    """Each seed's runs (shared ones once), every run before the runs that load it: a sweep stopped part-way leaves
+    whole seeds behind, not base runs whose dependent runs would have to train them again."""
+    unique = list({job.run_dir: job for job in first + dependent}.values())
+    return sorted(unique, key=lambda job: (job.seed, job.needs is not None))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,15 +367,10 @@ def main() -> None:
     base, variants = method_jobs(out, options.seeds) if "methods" in options.tables else ([], [])
     ratio_base, ratio_variants = eda_ratio_jobs(out, options.seeds) if "eda_ratio" in options.tables else ([], [])
     if not options.report_only:
-        first = list({job.run_dir: job for job in planners + policies + base + ratio_base}.values())
-        failed = run_jobs(first, options.jobs)
-        failed_checkpoints = {str(job.run_dir / "checkpoints" / "latest.pt") for job in failed}
-        dependent = [job for job in variants + ratio_variants if not failed_checkpoints & set(job.args)]
-        skipped = len(variants) + len(ratio_variants) - len(dependent)
-        failed += run_jobs(dependent, options.jobs)
-        if failed or skipped:
-            print(f"{len(failed)} runs failed and {skipped} were skipped because their base run failed; "
-                  "their rows are incomplete", file=sys.stderr)
+        failed = run_jobs(seed_by_seed(planners + policies + base + ratio_base, variants + ratio_variants), options.jobs)
+        if failed:
+            print(f"{len(failed)} runs failed or were skipped because their base run failed; their rows are incomplete",
+                  file=sys.stderr)
     ratios = ratio_base + ratio_variants
     if options.report_only and not finished(planners + policies + base + variants + ratios):
         sys.exit("no finished runs under --out to report on")

@@ -2,7 +2,9 @@
 
 Used by the benchmark definitions in this folder (`nav1d_tables.py`). Each job is one command with its own run
 directory; a job whose summary.json already exists is skipped, so an interrupted benchmark continues where it
-stopped. Jobs run `--jobs` at a time, each pinned to one thread so that N jobs use N cores.
+stopped. Jobs run `--jobs` at a time in list order, each pinned to one thread so that N jobs use N cores; a job that
+loads another run's checkpoint starts once that run has finished, so a sweep ordered seed by seed loses at most the
+seeds in flight when it is stopped.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,13 +28,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Job:
-    """One script run: `python {script}.py {args} --seed S --run-dir DIR`."""
+    """One script run: `python {script}.py {args} --seed S --run-dir DIR`; `needs` is the run directory of the run
+    whose checkpoint it loads."""
 
     script: str
     args: list[str]
     seed: int
     run_dir: Path
     tags: dict = field(default_factory=dict)
+    needs: Path | None = None
 
     @property
     def command(self) -> list[str]:
@@ -70,32 +75,53 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], parallel: int) -> list[Job]:
-    """Run the jobs that have no summary yet; returns the ones that failed."""
+    """Run the jobs that have no summary yet, in list order; returns the ones that failed, or were skipped because
+    the run they need failed."""
     pending = [job for job in jobs if not job.summary_path.exists()]
     print(f"{len(jobs) - len(pending)} of {len(jobs)} runs already done; running {len(pending)} with {parallel} in parallel")
+    ended = {job.run_dir: threading.Event() for job in pending}
+    listed = set()
+    for job in pending:  # a worker waits only for a run that is running or done, never for one queued behind it
+        if job.needs in ended and job.needs not in listed:
+            raise ValueError(f"{job.run_dir.name} is listed before {job.needs.name}, the run it needs")
+        listed.add(job.run_dir)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     failed: list[Job] = []
 
     def run_one(job: Job) -> None:
-        if job.run_dir.exists():  # a killed earlier attempt: continue it rather than start over
-            command = job.command + ["--resume"] if (job.run_dir / "checkpoints").exists() else job.command
-        else:
-            command = job.command
-        log_path = job.log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(job.commits_path, "a") as commits:
-            commits.write(git_commit(job.code_paths) + "\n")
-        start = time.time()
-        with open(log_path, "w") as log:
-            result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode}, see {log_path})"
-        print(f"[{time.time() - start:6.0f}s] {shlex.join(command[1:])}: {status}", flush=True)
-        if result.returncode != 0:
-            failed.append(job)
+        try:
+            if job.needs is not None:
+                if job.needs in ended:
+                    ended[job.needs].wait()
+                if not (job.needs / "summary.json").exists():
+                    print(f"skipped {job.run_dir.name}: {job.needs.name}, the run it loads, did not finish", flush=True)
+                    failed.append(job)
+                    return
+            run_command(job, env, failed)
+        finally:
+            ended[job.run_dir].set()
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(run_one, pending))
     return failed
+
+
+def run_command(job: Job, env: dict, failed: list[Job]) -> None:
+    """One job as a subprocess, its output to its log; a killed earlier attempt is continued rather than restarted."""
+    command = job.command
+    if job.run_dir.exists() and (job.run_dir / "checkpoints").exists():
+        command = command + ["--resume"]
+    log_path = job.log_path
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(job.commits_path, "a") as commits:
+        commits.write(git_commit(job.code_paths) + "\n")
+    start = time.time()
+    with open(log_path, "w") as log:
+        result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode}, see {log_path})"
+    print(f"[{time.time() - start:6.0f}s] {shlex.join(command[1:])}: {status}", flush=True)
+    if result.returncode != 0:
+        failed.append(job)
 
 
 def git_commit(paths: tuple[str, ...] = ()) -> str:

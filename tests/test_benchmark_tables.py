@@ -4,6 +4,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from benchmarks import nav1d_tables
 from benchmarks.runner import run_jobs
 
@@ -52,6 +54,30 @@ def test_runner_skips_finished_runs_and_reports_failures(tmp_path):
     broken = nav1d_tables.Job("eda_d4rl", ["--env", "no-such-env"], 0, tmp_path / "broken")
     assert run_jobs([done, broken], parallel=2) == [broken]
     assert "no-such-env" in broken.log_path.read_text()
+
+
+def test_a_run_that_loads_a_failed_run_is_skipped_not_started(tmp_path):
+    broken = nav1d_tables.Job("eda_d4rl", ["--env", "no-such-env"], 0, tmp_path / "broken")
+    loads_it = nav1d_tables.Job("eda_d4rl", ["--env", "nav1d-full"], 0, tmp_path / "loads_it", needs=broken.run_dir)
+    assert run_jobs([broken, loads_it], parallel=2) == [broken, loads_it]
+    assert not loads_it.log_path.exists() and not loads_it.run_dir.exists()
+
+
+def test_a_run_listed_before_the_run_it_loads_is_refused(tmp_path):
+    base = nav1d_tables.eda_job(tmp_path, "full", 0)
+    ratio = nav1d_tables.eda_ratio_jobs(tmp_path, [0])[1][0]
+    with pytest.raises(ValueError, match="listed before"):
+        run_jobs([ratio, base], parallel=2)
+
+
+def test_sweeps_run_seed_by_seed_each_base_before_the_runs_that_load_it(tmp_path):
+    base, variants = nav1d_tables.method_jobs(tmp_path, [0, 1])
+    ratio_base, ratio_variants = nav1d_tables.eda_ratio_jobs(tmp_path, [0, 1])
+    order = nav1d_tables.seed_by_seed(base + ratio_base, variants + ratio_variants)
+    assert len(order) == len({job.run_dir for job in base + variants + ratio_base + ratio_variants})
+    assert [job.seed for job in order] == sorted(job.seed for job in order)
+    position = {job.run_dir: index for index, job in enumerate(order)}
+    assert all(position[job.needs] < position[job.run_dir] for job in order if job.needs is not None)
 
 
 def test_eda_coherency_is_read_from_the_summarys_coherency_block(tmp_path):
