@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import gymnasium as gym
 import h5py
 import numpy as np
 
-from common.data import (LOCOMOTION_ENVS, d4rl_directories, d4rl_file_names, load_offline_data, parse_d4rl_name)
+from common.data import LOCOMOTION_ENVS, load_offline_data, parse_d4rl_name
 
 HORIZONS = (1, 10, 100)
 
@@ -73,10 +74,9 @@ def main() -> None:
     parsed = parse_d4rl_name(options.env)
     if parsed is None or parsed[0] != "locomotion":
         parser.error(f"--env takes a D4RL locomotion name such as hopper-medium-v2, got {options.env}")
-    load_offline_data(options.env)  # finds or downloads the file, with the scripts' messages
-    _, env, quality, version = parsed
-    path = next(directory / name for name in d4rl_file_names(env, quality, version)
-                for directory in d4rl_directories() if (directory / name).is_file())
+    data = load_offline_data(options.env)  # finds or downloads the file, with the scripts' messages
+    env = parsed[1]
+    path = Path(data.source.removeprefix("d4rl-hdf5:"))
     report = replay_drift(path, LOCOMOTION_ENVS[env], options.starts, seed=options.seed,
                           env_kwargs=json.loads(options.env_kwargs))
     print(f"{options.env} ({path}) replayed on {LOCOMOTION_ENVS[env]} {options.env_kwargs}:")

@@ -4,15 +4,17 @@ Name resolution, first match wins:
 1. Nav1D: `nav1d-partial|full|expert` (or `nav1d/<kind>-v0`): local Minari datasets made by `nav1d.make_dataset`.
 2. D4RL-style names:
    - locomotion `hopper|halfcheetah|walker2d-<quality>-v<N>` (quality random, medium, expert, medium-replay,
-     medium-expert, full-replay):
-     the raw D4RL HDF5 file, read with h5py, evaluated on the Gymnasium env (Hopper-v5, HalfCheetah-v5,
-     Walker2d-v5). Looked for in $D4RL_DATASET_DIR (if set) and then ~/.d4rl/datasets/, under the name d4rl
-     itself stores it, `<env>_<quality with _>-v<N>.hdf5` (e.g. hopper_medium_replay-v2.hdf5), or under
-     `<name>.hdf5` (e.g. hopper-medium-replay-v2.hdf5). A missing -v2 file is downloaded into the first of those
-     folders (common.download: resumable, checked) from the official server, then the public mirror, or from the
-     prefixes in $D4RL_MIRROR. If that fails the name is an error: it never loads other data in its place.
-   - Minari ports: `antmaze-<task>-v<N>` -> D4RL/antmaze/<task>-v1, `kitchen-<task>-v<N>` -> D4RL/kitchen/<task>-v2,
-     `<pen|hammer|door|relocate>-<human|cloned|expert>-v<N>` -> D4RL/<task>/<kind>-v2.
+     medium-expert, full-replay) and adroit `pen|door|hammer|relocate-<human|cloned|expert>-v<N>`: the raw D4RL
+     HDF5 file, read with h5py, evaluated on the Gymnasium env (Hopper-v5, HalfCheetah-v5, Walker2d-v5; adroit:
+     Gymnasium-Robotics AdroitHand<Task>-v1 with D4RL's rewards, episode lengths and pen-drop termination). Looked
+     for in $D4RL_DATASET_DIR (if set) and then ~/.d4rl/datasets/, under the name d4rl itself stores it (the URL's
+     file name, e.g. hopper_medium_replay-v2.hdf5, door-human-v1.hdf5) or under `<name>.hdf5`. A missing locomotion
+     -v2 or adroit -v1 file is downloaded into the first of those folders (common.download: resumable, checked) from
+     the official server, then the public mirror, or from the prefixes in $D4RL_MIRROR. If that fails the name is
+     an error: it never loads other data in its place.
+   - antmaze and kitchen names (`antmaze-umaze-v2`, `kitchen-mixed-v0`) are refused with an error naming their Minari
+     re-collections (D4RL/antmaze/<task>-v1, D4RL/kitchen/<task>-v2): the raw files were recorded in d4rl's
+     mujoco-py environments, whose observation layout no Gymnasium environment reproduces.
 3. Anything else is taken as a Minari dataset id (`mujoco/hopper/medium-v0`, `D4RL/antmaze/umaze-v1`, ...).
 A Minari dataset missing from disk is downloaded once with `minari.download_dataset`; if that fails the loader
 raises DatasetError with one line naming the dataset, where it looked, and the command that gets it.
@@ -52,6 +54,10 @@ D4RL_REFERENCE_RETURNS = {  # (random, expert) returns of D4RL's normalised scor
     "hopper": (-20.272305, 3234.3),
     "halfcheetah": (-280.178953, 12135.0),
     "walker2d": (1.629008, 4592.3),
+    "pen": (96.262799, 3076.8331017826877),
+    "door": (-56.512833, 2880.5693087298737),
+    "hammer": (-274.856578, 12794.134825156867),
+    "relocate": (-6.425911, 4233.877797728884),
 }
 LOCOMOTION_QUALITIES = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
 MINARI_MUJOCO_QUALITIES = ("medium", "expert")  # D4RL qualities with a Minari mujoco/<env>/<quality>-v0 namesake
@@ -59,6 +65,8 @@ ANTMAZE_TASKS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "lar
 KITCHEN_TASKS = ("complete", "partial", "mixed")
 ADROIT_TASKS = ("pen", "hammer", "door", "relocate")
 ADROIT_KINDS = ("human", "cloned", "expert")
+ADROIT_ENVS = {task: f"AdroitHand{task.capitalize()}-v1" for task in ADROIT_TASKS}  # Gymnasium-Robotics
+ADROIT_HORIZONS = {"pen": 100, "door": 200, "hammer": 200, "relocate": 200}  # D4RL's -v1 evaluation episode lengths
 D4RL_SERVER = "http://rail.eecs.berkeley.edu/datasets/offline_rl/"  # the official source of the raw files
 D4RL_PUBLIC_MIRROR = "https://huggingface.co/datasets/imone/D4RL/resolve/main/"  # the same files, in one folder
 D4RL_MIRROR_VARIABLE = "D4RL_MIRROR"  # URL prefixes (space-separated) tried in order instead of the two above
@@ -341,15 +349,21 @@ def d4rl_directories() -> list[Path]:
     return directories + [Path("~/.d4rl/datasets").expanduser()]
 
 
-def d4rl_file_names(env: str, quality: str, version: str) -> list[str]:
-    """d4rl's own file name (hopper_medium_replay-v2.hdf5), then the D4RL name itself (hopper-medium-replay-v2.hdf5)."""
-    return [f"{env}_{quality.replace('-', '_')}-v{version}.hdf5", f"{env}-{quality}-v{version}.hdf5"]
+def d4rl_file_names(family: str, env: str, quality: str, version: str) -> list[str]:
+    """d4rl's own file name (the URL's: hopper_medium_replay-v2.hdf5, door-human-v1.hdf5), then the D4RL name
+    itself (hopper-medium-replay-v2.hdf5)."""
+    plain = f"{env}-{quality}-v{version}.hdf5"
+    return [f"{env}_{quality.replace('-', '_')}-v{version}.hdf5", plain] if family == "locomotion" else [plain]
 
 
-def d4rl_file_path(env: str, quality: str, version: str) -> str | None:
-    """Where a locomotion file lies under D4RL_SERVER (gym_mujoco_v2/hopper_medium_replay-v2.hdf5); None for the
-    versions this project does not download (v0 and v1 files have other names on the server)."""
-    return f"gym_mujoco_v2/{d4rl_file_names(env, quality, version)[0]}" if version == "2" else None
+def d4rl_file_path(family: str, env: str, quality: str, version: str) -> str | None:
+    """Where a file lies under D4RL_SERVER (gym_mujoco_v2/hopper_medium_replay-v2.hdf5, hand_dapg_v1/pen-human-v1.hdf5);
+    None for the versions this project does not download (older ones have other names on the server)."""
+    if family == "locomotion" and version == "2":
+        return f"gym_mujoco_v2/{d4rl_file_names(family, env, quality, version)[0]}"
+    if family == "adroit" and version == "1":
+        return f"hand_dapg_v1/{env}-{quality}-v1.hdf5"
+    return None
 
 
 def d4rl_urls(file_path: str) -> list[str]:
@@ -436,13 +450,52 @@ def read_d4rl_hdf5(path: Path, name: str) -> tuple[dict[str, np.ndarray], bool]:
     return {key: values[keep] for key, values in arrays.items()}, last_episode_finished
 
 
-def _from_d4rl_file(name: str, path: Path, env: str) -> OfflineData:
+class D4RLAdroit(gym.Wrapper):
+    """Gymnasium-Robotics' AdroitHand*-v1 scored as D4RL scored it, so that returns meet D4RL's reference scores:
+    since gymnasium-robotics 1.2.1 door, hammer and relocate add +0.1 x the palm's distance to the handle, hammer
+    or ball where D4RL subtracts it, and D4RL ends a pen episode when the pen falls below z = 0.075."""
+
+    PALM_TARGET = {"door": ("grasp_site_id", "handle_site_id"), "hammer": ("S_grasp_site_id", "obj_body_id"),
+                   "relocate": ("S_grasp_site_id", "obj_body_id")}  # (palm site, target site or body)
+
+    def __init__(self, env: gym.Env, task: str):
+        super().__init__(env)
+        self.task = task
+
+    def palm_distance(self) -> float:
+        sim = self.env.unwrapped
+        palm_site, target = self.PALM_TARGET[self.task]
+        target_position = sim.data.site_xpos if target.endswith("site_id") else sim.data.xpos
+        return float(np.linalg.norm(sim.data.site_xpos[getattr(sim, palm_site)] - target_position[getattr(sim, target)]))
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        if self.task == "pen":
+            sim = self.env.unwrapped
+            terminated = terminated or bool(sim.data.xpos[sim.obj_body_id][2] < 0.075)
+        else:
+            reward = float(reward) - 0.2 * self.palm_distance()
+        return observation, reward, terminated, truncated, info
+
+
+def make_adroit_env(task: str) -> gym.Env:
+    """D4RL's adroit task on Gymnasium-Robotics, with D4RL's episode length, rewards and termination."""
+    try:
+        import gymnasium_robotics
+    except ImportError:
+        raise DatasetError(f"the adroit {task} environment needs Gymnasium-Robotics: pip install "
+                           f"gymnasium-robotics (requirements.txt pins it)") from None
+    gym.register_envs(gymnasium_robotics)
+    return D4RLAdroit(gym.make(ADROIT_ENVS[task], max_episode_steps=ADROIT_HORIZONS[task]), task)
+
+
+def _from_d4rl_file(name: str, path: Path, family: str, env: str) -> OfflineData:
     source = f"d4rl-hdf5:{path}"
     arrays, last_episode_finished = read_d4rl_hdf5(path, name)
     _check_transitions(name, source, arrays)
-    env_id = LOCOMOTION_ENVS[env]
-    probe = gym.make(env_id)
-    observation_shape, action_space = probe.observation_space.shape, probe.action_space
+    make_env = (lambda: gym.make(LOCOMOTION_ENVS[env])) if family == "locomotion" else (lambda: make_adroit_env(env))
+    probe = make_env()
+    env_id, observation_shape, action_space = probe.spec.id, probe.observation_space.shape, probe.action_space
     probe.close()
     if arrays["observations"].shape[1:] != observation_shape or arrays["actions"].shape[1:] != action_space.shape:
         raise DatasetError(
@@ -451,10 +504,9 @@ def _from_d4rl_file(name: str, path: Path, env: str) -> OfflineData:
         )
     ref_min, ref_max = D4RL_REFERENCE_RETURNS[env]
     return OfflineData(
-        name=name, source=source, family="locomotion", **arrays, ref_min_score=ref_min, ref_max_score=ref_max,
-        last_episode_finished=last_episode_finished,
-        make_env=lambda: gym.make(env_id), action_low=action_space.low.astype(np.float32),
-        action_high=action_space.high.astype(np.float32),
+        name=name, source=source, family=family, **arrays, ref_min_score=ref_min, ref_max_score=ref_max,
+        last_episode_finished=last_episode_finished, make_env=make_env,
+        action_low=action_space.low.astype(np.float32), action_high=action_space.high.astype(np.float32),
     )
 
 
@@ -476,32 +528,36 @@ def parse_d4rl_name(name: str) -> tuple[str, str, str, str] | None:
     return None
 
 
-def minari_port(family: str, task: str, kind: str) -> str:
-    """The Minari id of a D4RL-style antmaze, kitchen or adroit name."""
-    if family == "antmaze":
-        return f"D4RL/antmaze/{kind}-v1"
-    if family == "kitchen":
-        return f"D4RL/kitchen/{kind}-v2"
-    return f"D4RL/{task}/{kind}-v2"
+def minari_namesake(family: str, env: str, quality: str) -> str | None:
+    """The Minari id with similar (not the same) data as a D4RL name, if there is one."""
+    if family == "locomotion":
+        return f"mujoco/{env}/{quality}-v0" if quality in MINARI_MUJOCO_QUALITIES else None
+    return {"antmaze": f"D4RL/antmaze/{quality}-v1", "kitchen": f"D4RL/kitchen/{quality}-v2",
+            "adroit": f"D4RL/{env}/{quality}-v2"}[family]
 
 
-def _load_locomotion(name: str, env: str, quality: str, version: str) -> OfflineData:
+def _load_d4rl(name: str, family: str, env: str, quality: str, version: str) -> OfflineData:
     """The raw D4RL file: found on disk, or downloaded into the first D4RL folder. Never other data in its place."""
+    namesake = minari_namesake(family, env, quality)
+    similar = f"; similar (not the same) data: --env {namesake}" if namesake else ""
+    if family in ("antmaze", "kitchen"):
+        raise DatasetError(f"dataset {name} is not loaded: D4RL recorded it in d4rl's mujoco-py {family} environment, "
+                           f"whose observations no Gymnasium environment reproduces{similar} (re-collected on "
+                           f"Gymnasium-Robotics; get it with: {MINARI_GET} {namesake})")
     candidates = [directory / file for directory in d4rl_directories()
-                  for file in d4rl_file_names(env, quality, version)]
+                  for file in d4rl_file_names(family, env, quality, version)]
     for path in candidates:
         if path.is_file():
-            return _from_d4rl_file(name, path, env)
-    d4rl_file, plain_file = d4rl_file_names(env, quality, version)
+            return _from_d4rl_file(name, path, family, env)
+    d4rl_file, *other_names = d4rl_file_names(family, env, quality, version)
     directory = d4rl_directories()[0]
-    looked = (f"no D4RL file {d4rl_file} (or {plain_file}) in "
+    looked = (f"no D4RL file {d4rl_file}{''.join(f' (or {other})' for other in other_names)} in "
               f"{' or '.join(str(folder) for folder in d4rl_directories())}")
-    similar = (f"; similar (not the same) data: --env mujoco/{env}/{quality}-v0"
-               if quality in MINARI_MUJOCO_QUALITIES else "")
-    file_path = d4rl_file_path(env, quality, version)
+    file_path = d4rl_file_path(family, env, quality, version)
     if file_path is None:
-        raise DatasetError(f"dataset {name} not found: {looked}; only -v2 files are downloaded, put {d4rl_file} "
-                           f"into {directory}{similar}")
+        downloaded = "-v2" if family == "locomotion" else "-v1"
+        raise DatasetError(f"dataset {name} not found: {looked}; only {downloaded} files of {family} are downloaded, "
+                           f"put {d4rl_file} into {directory}{similar}")
     urls = d4rl_urls(file_path)
     print(f"{name}: {looked}; downloading it from {urls[0]}")
     try:
@@ -509,7 +565,7 @@ def _load_locomotion(name: str, env: str, quality: str, version: str) -> Offline
     except DownloadError as error:
         raise DatasetError(f"dataset {name} not found: {looked}, and the download into {directory} failed "
                            f"({error}){similar}") from None
-    return _from_d4rl_file(name, directory / d4rl_file, env)
+    return _from_d4rl_file(name, directory / d4rl_file, family, env)
 
 
 def load_offline_data(name: str) -> OfflineData:
@@ -524,15 +580,13 @@ def load_offline_data(name: str) -> OfflineData:
                                f"{', '.join('nav1d-' + known for known in nav1d.DATASET_KINDS)}")
         return _from_minari(name, nav1d.make_dataset(kind))
     d4rl = parse_d4rl_name(name)
-    if d4rl is not None and d4rl[0] == "locomotion":
-        return _load_locomotion(name, *d4rl[1:])
-    minari_id = minari_port(*d4rl[:3]) if d4rl is not None else name
-    dataset, why = _find_minari(minari_id)
+    if d4rl is not None:
+        return _load_d4rl(name, *d4rl)
+    dataset, why = _find_minari(name)
     if dataset is None:
-        what = (f"Minari {minari_id} (the port of D4RL {name})" if d4rl is not None
-                else f"not a Nav1D (nav1d-full) or D4RL-style name (hopper-medium-v2, antmaze-umaze-v2), "
-                     f"and Minari dataset {minari_id}")
-        raise DatasetError(f"dataset {name} not found: {what} is {why}; get it with: {MINARI_GET} {minari_id}")
+        raise DatasetError(f"dataset {name} not found: not a Nav1D (nav1d-full) or D4RL-style name "
+                           f"(hopper-medium-v2, door-human-v1), and Minari dataset {name} is {why}; get it with: "
+                           f"{MINARI_GET} {name}")
     return _from_minari(name, dataset)
 
 

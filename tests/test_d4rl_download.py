@@ -12,9 +12,11 @@ import pytest
 
 from common.data import load_offline_data
 from conftest import REPO_ROOT
+from test_adroit import write_adroit_file
 from test_data import write_d4rl_file
 
 FILE = "gym_mujoco_v2/hopper_medium-v2.hdf5"
+ADROIT_FILE = "hand_dapg_v1/pen-human-v1.hdf5"
 
 
 class FileServer(BaseHTTPRequestHandler):
@@ -58,6 +60,8 @@ def server(tmp_path_factory):
     made = tmp_path_factory.mktemp("served") / "hopper.hdf5"
     write_d4rl_file(made)
     FileServer.files[FILE] = made.read_bytes()
+    write_adroit_file(made.with_name("pen.hdf5"), "pen")
+    FileServer.files[ADROIT_FILE] = made.with_name("pen.hdf5").read_bytes()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FileServer)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -82,6 +86,13 @@ def test_a_missing_file_is_downloaded_once_then_found_on_disk(server, dataset_di
     assert FileServer.requests == [(f"/good/{FILE}", None)]
     load_offline_data("hopper-medium-v2")
     assert len(FileServer.requests) == 1  # the second load never asked the server
+
+
+def test_an_adroit_file_comes_from_d4rls_hand_dapg_v1_folder(server, dataset_dir, monkeypatch):
+    monkeypatch.setenv("D4RL_MIRROR", f"{server}/good/")
+    data = load_offline_data("pen-human-v1")
+    assert data.family == "adroit" and FileServer.requests == [(f"/good/{ADROIT_FILE}", None)]
+    assert sorted(os.listdir(dataset_dir)) == ["pen-human-v1.hdf5"]
 
 
 def test_a_dropped_connection_is_resumed_with_a_range_request(server, dataset_dir, monkeypatch):
