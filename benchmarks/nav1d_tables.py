@@ -13,7 +13,10 @@ seeds, foundation level dashed), nav1d_coherency_passes.png, nav1d_planner_curve
 coherency after every method), eda_data_ratio.png (EDA's return against the Q-labelled fraction).
 
 Runs go to --out (default runs/benchmark, not committed); finished runs are reused, so the command can be
-interrupted and started again. Each table names the command and commit that produced it.
+interrupted and started again. Each finished run's summary.json and code version are also merged into
+benchmark_results/nav1d_runs.json, which is committed with the tables: a sweep on a fresh checkout continues from it
+when the scripts' code has not changed since, and `--report-only` rebuilds the tables from it. Each table names the
+command and commit that produced it.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.runner import REPO_ROOT, Job, git_commit, markdown_table, mean_std, run_jobs
+from benchmarks.runner import (REPO_ROOT, Job, archive_summaries, git_commit, markdown_table, mean_std,
+                               restore_summaries, run_jobs)
 
 HERE = REPO_ROOT / "benchmark_results"  # where the tables and figures go
+ARCHIVE = HERE / "nav1d_runs.json"  # every finished run's summary and code version, committed with the tables
 DATASETS = ("partial", "full", "expert")
 # Paper numbers, before -> after (Huh & Mohapatra, Tables 2 and 3; their Nav1D, not ours: compare trend and scale).
 PAPER_PLANNERS = {
@@ -366,8 +371,13 @@ def main() -> None:
     policies = policy_jobs(out, options.seeds) if "policies" in options.tables else []
     base, variants = method_jobs(out, options.seeds) if "methods" in options.tables else ([], [])
     ratio_base, ratio_variants = eda_ratio_jobs(out, options.seeds) if "eda_ratio" in options.tables else ([], [])
+    every_job = planners + policies + base + variants + ratio_base + ratio_variants
+    restored = restore_summaries(every_job, ARCHIVE, same_code_only=not options.report_only)
+    if restored:
+        print(f"{restored} runs restored from {ARCHIVE.relative_to(REPO_ROOT)} (made with this checkout's code)")
     if not options.report_only:
-        failed = run_jobs(seed_by_seed(planners + policies + base + ratio_base, variants + ratio_variants), options.jobs)
+        failed = run_jobs(seed_by_seed(planners + policies + base + ratio_base, variants + ratio_variants), options.jobs,
+                          after_each=lambda job: archive_summaries([job], ARCHIVE))
         if failed:
             print(f"{len(failed)} runs failed or were skipped because their base run failed; their rows are incomplete",
                   file=sys.stderr)

@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -74,9 +75,9 @@ class Job:
         return versions
 
 
-def run_jobs(jobs: list[Job], parallel: int) -> list[Job]:
-    """Run the jobs that have no summary yet, in list order; returns the ones that failed, or were skipped because
-    the run they need failed."""
+def run_jobs(jobs: list[Job], parallel: int, after_each: Callable[[Job], None] | None = None) -> list[Job]:
+    """Run the jobs that have no summary yet, in list order, calling `after_each` (one call at a time) after each
+    run that finished; returns the ones that failed, or were skipped because the run they need failed."""
     pending = [job for job in jobs if not job.summary_path.exists()]
     print(f"{len(jobs) - len(pending)} of {len(jobs)} runs already done; running {len(pending)} with {parallel} in parallel")
     ended = {job.run_dir: threading.Event() for job in pending}
@@ -87,6 +88,7 @@ def run_jobs(jobs: list[Job], parallel: int) -> list[Job]:
         listed.add(job.run_dir)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     failed: list[Job] = []
+    one_at_a_time = threading.Lock()
 
     def run_one(job: Job) -> None:
         try:
@@ -98,6 +100,9 @@ def run_jobs(jobs: list[Job], parallel: int) -> list[Job]:
                     failed.append(job)
                     return
             run_command(job, env, failed)
+            if after_each is not None and job.summary_path.exists():
+                with one_at_a_time:
+                    after_each(job)
         finally:
             ended[job.run_dir].set()
 
@@ -122,6 +127,47 @@ def run_command(job: Job, env: dict, failed: list[Job]) -> None:
     print(f"[{time.time() - start:6.0f}s] {shlex.join(command[1:])}: {status}", flush=True)
     if result.returncode != 0:
         failed.append(job)
+
+
+def archive_summaries(jobs: list[Job], archive: Path) -> None:
+    """Merge every finished run's summary and commit record into `archive` (JSON, one entry per run directory name):
+    the raw numbers behind a table, small enough to commit beside it."""
+    entries = json.loads(archive.read_text()) if archive.exists() else {}
+    for job in jobs:
+        summary = job.summary()
+        if summary is not None:
+            entries[job.run_dir.name] = {"commits": job.commits_path.read_text().split(), "summary": summary}
+    archive.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
+
+
+def restore_summaries(jobs: list[Job], archive: Path, same_code_only: bool = True) -> int:
+    """Put archived results back for runs that have none yet. To continue a sweep (`same_code_only`), only runs made
+    with the code this checkout has (the same last change of the run's code, no uncommitted edits): finished runs
+    are then not trained again, and an edit to the code never lets old numbers pass for new ones. To rebuild tables,
+    all of them (each table names the code its runs used)."""
+    if not archive.exists():
+        return 0
+    entries = json.loads(archive.read_text())
+    checkout = {}  # code paths -> (HEAD with '+uncommitted' when edited, the last commit that changed them)
+    restored = 0
+    for job in jobs:
+        entry = entries.get(job.run_dir.name)
+        if entry is None or job.summary_path.exists() or job.run_dir.exists():
+            continue
+        if job.code_paths not in checkout:
+            head = git_commit(job.code_paths)
+            checkout[job.code_paths] = head, last_change(head.partition("+")[0], job.code_paths)
+        head, version = checkout[job.code_paths]
+        same_code = "+" not in head and all("+" not in made and last_change(made, job.code_paths) == version
+                                            for made in entry["commits"])
+        if same_code_only and not same_code:
+            continue
+        job.run_dir.mkdir(parents=True)
+        job.summary_path.write_text(json.dumps(entry["summary"]))
+        job.commits_path.parent.mkdir(parents=True, exist_ok=True)
+        job.commits_path.write_text("".join(made + "\n" for made in entry["commits"]))
+        restored += 1
+    return restored
 
 
 def git_commit(paths: tuple[str, ...] = ()) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import nav1d_tables
+from benchmarks import nav1d_tables, runner
 from benchmarks.runner import run_jobs
 
 
@@ -78,6 +78,27 @@ def test_sweeps_run_seed_by_seed_each_base_before_the_runs_that_load_it(tmp_path
     assert [job.seed for job in order] == sorted(job.seed for job in order)
     position = {job.run_dir: index for index, job in enumerate(order)}
     assert all(position[job.needs] < position[job.run_dir] for job in order if job.needs is not None)
+
+
+def test_archived_runs_come_back_only_for_the_code_that_made_them(tmp_path, monkeypatch):
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=nav1d_tables.REPO_ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    monkeypatch.setattr(runner, "git_commit", lambda paths=(): head)  # this checkout, as if it had no edits
+    archive = tmp_path / "runs.json"
+    made_now, made_before = nav1d_tables.eda_job(tmp_path / "a", "full", 0), nav1d_tables.eda_job(tmp_path / "a", "full", 1)
+    for job, commit in [(made_now, head), (made_before, "0000000")]:  # 0000000: code git does not know, so other code
+        write_summary(job, 1.0, 2.0 + job.seed)
+        job.commits_path.parent.mkdir(parents=True, exist_ok=True)
+        job.commits_path.write_text(commit + "\n")
+    runner.archive_summaries([made_now, made_before], archive)
+    assert set(json.loads(archive.read_text())) == {made_now.run_dir.name, made_before.run_dir.name}
+
+    fresh = [nav1d_tables.eda_job(tmp_path / "b", "full", seed) for seed in (0, 1)]
+    assert runner.restore_summaries(fresh, archive) == 1  # continuing a sweep: the same code only
+    assert fresh[0].summary() == made_now.summary() and fresh[0].commits_path.read_text() == head + "\n"
+    assert fresh[1].summary() is None
+    assert runner.restore_summaries(fresh, archive, same_code_only=False) == 1  # rebuilding tables: every run
+    assert fresh[1].summary()["stages"]["aligned"]["return_mean"] == 3.0
 
 
 def test_eda_coherency_is_read_from_the_summarys_coherency_block(tmp_path):
