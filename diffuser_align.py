@@ -292,7 +292,7 @@ def validate_args(args: Args) -> tuple[list[str], list[str]]:
          "--train-steps must be >= --sample-steps"),
     ]
     require(checks)
-    if "rl" in methods + cascade_methods and not make_diffusion(args).stochastic:
+    if "rl" in methods + (cascade_methods if "cascade" in methods else []) and not make_diffusion(args).stochastic:
         raise UserError(f"--align/--cascade-align rl needs a stochastic sampler (step likelihoods); --sampler "
                         f"{args.sampler} with these settings is deterministic: use qvpg instead, or --sampler ddim --eta 1.0")
     return methods, cascade_methods

@@ -273,7 +273,7 @@ def validate(args: Args) -> tuple[list[str], list[str]]:
     methods = method_sequence(args.align, "--align", METHODS)
     cascade_methods = method_sequence(args.cascade_align, "--cascade-align", METHODS[:-1], required=False)
     deterministic = args.sampler == "fm" or (args.sampler == "ddim" and args.eta == 0)
-    if "rl" in methods + cascade_methods and deterministic:
+    if "rl" in methods + (cascade_methods if "cascade" in methods else []) and deterministic:
         raise UserError(f"--align/--cascade-align rl needs a stochastic sampler but '{args.sampler}' (eta={args.eta}) is "
                         "deterministic; use --align qvpg, or --sampler ddim --eta 0.5 (or ddpm/sm)")
     positive = ("obs_horizon", "pred_horizon", "action_horizon", "sample_steps", "train_steps", "batch_size",

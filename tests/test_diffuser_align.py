@@ -195,6 +195,8 @@ def test_bad_arguments_are_user_errors(overrides, message):
         da.validate_args(da.Args(**overrides))
     assert da.validate_args(da.Args(sampler="ddim", eta=1.0, align="rl,cascade", cascade_align="dpo,sft")) == (
         ["rl", "cascade"], ["dpo", "sft"])
+    # the cascade's default method (rl) only matters to a sequence that has a cascade
+    assert da.validate_args(da.Args(sampler="ddim", align="qvpg,dpo,sft"))[0] == ["qvpg", "dpo", "sft"]
 
 
 @pytest.mark.parametrize("flag,value", [("--planner", "decision"), ("--sampler", "dpm_solver++")])

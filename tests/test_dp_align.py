@@ -97,6 +97,10 @@ def test_deterministic_sampler_with_rl_exits_2_with_one_line_before_any_work(tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_a_deterministic_sampler_without_a_cascade_ignores_the_cascades_default_rl():
+    assert dp_align.validate(dp_align.Args(sampler="fm", align="qvpg,dpo,sft"))[0] == ["qvpg", "dpo", "sft"]
+
+
 @pytest.mark.parametrize("fields,needle", [
     (dict(sampler="ddim", align="dpo,rl"), "--eta"),
     (dict(sampler="ddim", eta=0.5, align="rl"), None),
