@@ -856,7 +856,8 @@ def evaluate_planner(planner: Planner, data, normalizer: Normalizer, cascade: nn
     """Return statistics over eval_episodes (and plan coherency on Nav1D)."""
     policy = PlanningPolicy(planner, data, normalizer, cascade)
     result = evaluate(policy, data.make_env, args.eval_episodes, args.seed, args.eval_max_steps or None)
-    stats = stage_stats(result.returns, normalized_score(data, result.returns), result.actions_per_s)
+    stats = stage_stats(result.returns, normalized_score(data, result.returns), result.actions_per_s,
+                        result.success)
     if policy.coherency:
         stats["coherency"] = float(np.mean(policy.coherency))
     return stats

@@ -822,7 +822,8 @@ class RecedingHorizonPolicy:
 def evaluate_policy(policy: RecedingHorizonPolicy, data, args: Args) -> dict:
     """Return statistics of `policy` over eval_episodes (and policy coherency on Nav1D)."""
     result = evaluate(policy, data.make_env, args.eval_episodes, args.seed, max_steps=args.eval_max_steps or None)
-    stats = stage_stats(result.returns, normalized_score(data, result.returns), result.actions_per_s)
+    stats = stage_stats(result.returns, normalized_score(data, result.returns), result.actions_per_s,
+                        result.success)
     if data.family == "nav1d":
         states = np.concatenate([observations[:-1] for observations in result.observations])
         stats["coherency"] = nav1d.policy_coherency(nav1d.dataset_kind(data.name), states,

@@ -508,7 +508,8 @@ def main(args: Args) -> None:
                                   seed=args.seed + 1, device=device, cuda_graphs=graphs)
         result = evaluate(policy_fn, data.make_env, args.eval_episodes, seed=args.seed,
                           max_steps=args.eval_max_steps or None)
-        stats = stage_stats(result.returns, normalized_score(data, result.returns), result.actions_per_s)
+        stats = stage_stats(result.returns, normalized_score(data, result.returns), result.actions_per_s,
+                            result.success)
         if data.family == "nav1d":
             kind = next(kind for kind in nav1d.DATASET_KINDS if kind in data.name)
             states = np.concatenate([episode[:-1] for episode in result.observations])  # drop the final observations

@@ -1,7 +1,9 @@
 """Offline datasets and evaluation shared by every script: what `--env NAME` means and how policies are scored.
 
 Name resolution, first match wins:
-1. Nav1D: `nav1d-partial|full|expert` (or `nav1d/<kind>-v0`): local Minari datasets made by `nav1d.make_dataset`.
+1. Nav1D: `nav1d-partial|full|expert` (or `nav1d/<kind>-v0`): local Minari datasets made by `nav1d.make_dataset`;
+   MetaWorld: `metaworld/<task>/<expert|medium|replay>-v0`, local Minari datasets made from MetaWorld's scripted
+   policies by `metaworld_tasks.make_dataset`.
 2. D4RL-style names:
    - locomotion `hopper|halfcheetah|walker2d-<quality>-v<N>` (quality random, medium, expert, medium-replay,
      medium-expert, full-replay) and adroit `pen|door|hammer|relocate-<human|cloned|expert>-v<N>`: the raw D4RL
@@ -42,7 +44,7 @@ import torch
 from minari.dataset.minari_storage import is_image_space
 
 from common.download import DownloadError, download
-from common.runtime import UserError
+from common.runtime import ExclusiveLock, UserError
 
 
 class DatasetError(UserError):
@@ -210,6 +212,8 @@ def _family_of(dataset_id: str, env_id: str) -> tuple[str, str | None]:
     """(family, locomotion env key or None) from the Minari id and the evaluation env id."""
     if dataset_id.startswith("nav1d/"):
         return "nav1d", None
+    if dataset_id.startswith("metaworld/"):
+        return "metaworld", None
     env_lower = env_id.lower()
     for key in LOCOMOTION_ENVS:
         if env_lower.startswith(key):
@@ -326,6 +330,8 @@ def _from_minari(name: str, dataset: minari.MinariDataset, family_hint: tuple[st
             return gym.make(nav1d.ENV_ID)
         try:
             env = dataset.recover_environment(eval_env=True)
+        except UserError:
+            raise
         except Exception as error:
             raise DatasetError(
                 f"cannot make the evaluation env of {dataset_id} ({_one_line(error)}); install the package that "
@@ -338,6 +344,38 @@ def _from_minari(name: str, dataset: minari.MinariDataset, family_hint: tuple[st
         make_env=make_env, action_low=np.asarray(dataset.action_space.low, dtype=np.float32).reshape(-1),
         action_high=np.asarray(dataset.action_space.high, dtype=np.float32).reshape(-1),
     )
+
+
+def make_local_dataset(name: str, what: str, create: Callable[[], minari.MinariDataset],
+                       complete: Callable[[minari.MinariDataset], bool] = lambda dataset: True
+                       ) -> minari.MinariDataset:
+    """The local Minari dataset `name`, made by `create()` first when it is missing. One process makes it; others
+    starting at the same time wait for it, then load what it made. A folder that cannot be read or is not
+    `complete` (an interrupted creation) is deleted and made again: a made dataset is a function of its code."""
+    path = minari.storage.get_dataset_path(name)
+    dataset = _complete_local_dataset(name, complete)
+    if dataset is not None:
+        return dataset
+    lock = ExclusiveLock(path.parent / f".{path.name}.lock", what, wait=True)
+    try:
+        dataset = _complete_local_dataset(name, complete)
+        if dataset is not None:
+            return dataset
+        if path.exists():
+            minari.delete_dataset(name)
+        return create()
+    finally:
+        lock.release()
+
+
+def _complete_local_dataset(name: str, complete: Callable[[minari.MinariDataset], bool]) -> minari.MinariDataset | None:
+    if not (minari.storage.get_dataset_path(name) / "data").exists():
+        return None
+    try:
+        dataset = minari.load_dataset(name)
+    except Exception:  # unreadable leftovers of an interrupted creation: made again
+        return None
+    return dataset if complete(dataset) else None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -570,7 +608,7 @@ def _load_d4rl(name: str, family: str, env: str, quality: str, version: str) -> 
 
 def load_offline_data(name: str) -> OfflineData:
     """Resolve a --env name (module docstring) and load the whole dataset; DatasetError when it is unavailable."""
-    from common import nav1d
+    from common import metaworld_tasks, nav1d
 
     nav1d_kind = re.fullmatch(r"nav1d-(\w+)|nav1d/(\w+)-v0", name)
     if nav1d_kind:
@@ -579,6 +617,9 @@ def load_offline_data(name: str) -> OfflineData:
             raise DatasetError(f"unknown Nav1D dataset {name}; use one of "
                                f"{', '.join('nav1d-' + known for known in nav1d.DATASET_KINDS)}")
         return _from_minari(name, nav1d.make_dataset(kind))
+    metaworld_name = metaworld_tasks.parse_name(name)
+    if metaworld_name is not None:
+        return _from_minari(name, metaworld_tasks.make_dataset(*metaworld_name))
     d4rl = parse_d4rl_name(name)
     if d4rl is not None:
         return _load_d4rl(name, *d4rl)
@@ -722,6 +763,7 @@ class EvalResult:
     actions: list[np.ndarray]  # per episode (length, A) float32, as the policy produced them (before clipping)
     terminated: np.ndarray  # (E,) bool: ended by termination, not by a time limit or max_steps
     seconds: float  # wall time of the episodes, resets and policy calls included
+    success: np.ndarray | None = None  # (E,) bool: the env's info["success"] was set at some step; None if never reported
 
     @property
     def actions_per_s(self) -> float:
@@ -787,6 +829,8 @@ def evaluate(policy: Callable[[np.ndarray, np.ndarray], Any], make_env: Callable
         actions: list[list[np.ndarray]] = [[] for _ in range(episodes)]
         returns = np.zeros(episodes)
         terminated = np.zeros(episodes, dtype=bool)
+        success = np.zeros(episodes, dtype=bool)
+        reports_success = False
         active = list(range(episodes))
         while active:
             batch = np.stack([current[i] for i in active])
@@ -798,7 +842,10 @@ def evaluate(policy: Callable[[np.ndarray, np.ndarray], Any], make_env: Callable
             for row, i in enumerate(active):
                 space = envs[i].action_space
                 action = np.clip(chosen[row], space.low, space.high).reshape(space.shape)
-                obs, step_reward, done, truncated, _ = envs[i].step(action)
+                obs, step_reward, done, truncated, info = envs[i].step(action)
+                if "success" in info:
+                    reports_success = True
+                    success[i] |= bool(info["success"])
                 current[i] = np.asarray(obs, dtype=np.float32)
                 observations[i].append(current[i])
                 actions[i].append(chosen[row])
@@ -818,4 +865,5 @@ def evaluate(policy: Callable[[np.ndarray, np.ndarray], Any], make_env: Callable
         actions=[np.stack(episode) for episode in actions],
         terminated=terminated,
         seconds=time.perf_counter() - started,
+        success=success if reports_success else None,
     )

@@ -30,7 +30,7 @@ import minari
 import numpy as np
 from minari.data_collector import EpisodeBuffer
 
-from common.runtime import ExclusiveLock
+from common.data import make_local_dataset
 
 DELTA = 0.4  # largest move per step
 HORIZON = 8  # steps per episode
@@ -203,39 +203,12 @@ def generate_rollouts(kind: str, episodes: int, rng: np.random.Generator) -> tup
 
 def make_dataset(kind: str) -> minari.MinariDataset:
     """Load the local Minari dataset nav1d/{kind}-v0, creating it first (deterministically, ~1 s) if it is missing.
-
-    A dataset folder that exists but cannot be read (e.g. an interrupted creation) is deleted and made again: its
-    content is fully determined by DATASET_SEED.
-    """
+    Its content is fully determined by DATASET_SEED."""
     if kind not in DATASET_KINDS:
         raise ValueError(f"unknown Nav1D dataset kind {kind!r}; expected one of {DATASET_KINDS}")
     name = dataset_id(kind)
-    path = minari.storage.get_dataset_path(name)
-    dataset = _complete_dataset(name)
-    if dataset is not None:
-        return dataset
-    # one process makes it; others starting at the same time wait for it, then load what it made
-    lock = ExclusiveLock(path.parent / f".{path.name}.lock", f"the Nav1D dataset {name} being made", wait=True)
-    try:
-        dataset = _complete_dataset(name)
-        if dataset is not None:
-            return dataset
-        if path.exists():  # unreadable leftovers of an interrupted creation: made again
-            minari.delete_dataset(name)
-        return _create_dataset(kind, name)
-    finally:
-        lock.release()
-
-
-def _complete_dataset(name: str) -> minari.MinariDataset | None:
-    """The local dataset `name` if it is readable and has all its episodes."""
-    if not (minari.storage.get_dataset_path(name) / "data").exists():
-        return None
-    try:
-        dataset = minari.load_dataset(name)
-    except Exception:  # unreadable leftovers of an interrupted creation: made again
-        return None
-    return dataset if dataset.total_episodes == DATASET_EPISODES else None
+    return make_local_dataset(name, f"the Nav1D dataset {name} being made", lambda: _create_dataset(kind, name),
+                              complete=lambda dataset: dataset.total_episodes == DATASET_EPISODES)
 
 
 def _create_dataset(kind: str, name: str) -> minari.MinariDataset:

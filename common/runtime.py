@@ -443,9 +443,10 @@ def start_run(args: Any, script: str) -> Run:
 # --------------------------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------------------------
-def stage_stats(returns: np.ndarray, normalized: np.ndarray, actions_per_s: float | None = None) -> dict:
-    """An evaluation's record: return and normalised score over the episodes, and the evaluation's speed in
-    environment steps per second when given."""
+def stage_stats(returns: np.ndarray, normalized: np.ndarray, actions_per_s: float | None = None,
+                success: np.ndarray | None = None) -> dict:
+    """An evaluation's record: return and normalised score over the episodes, the success rate where the environment
+    reports success (MetaWorld), and the evaluation's speed in environment steps per second when given."""
     returns, normalized = np.asarray(returns, dtype=np.float64), np.asarray(normalized, dtype=np.float64)
     stats = {
         "return_mean": float(returns.mean()),
@@ -454,6 +455,8 @@ def stage_stats(returns: np.ndarray, normalized: np.ndarray, actions_per_s: floa
         "normalized_std": float(normalized.std()),
         "episodes": int(returns.size),
     }
+    if success is not None:
+        stats["success_rate"] = float(np.mean(success))
     return stats if actions_per_s is None else stats | {"eval_actions_per_s": float(actions_per_s)}
 
 

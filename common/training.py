@@ -10,7 +10,8 @@ TensorBoard tags (CleanRL's convention):
   losses/{stage}/{name}    every value a training step returns, averaged over `log_every` steps
   charts/SPS               training steps per second of the current stage
   charts/learning_rate     the learning rate of the stage's optimiser
-  eval/{metric}            return, return_std, normalized_score (and coherency on Nav1D) of each evaluated stage
+  eval/{metric}            return, return_std, normalized_score (and success_rate on MetaWorld, coherency on Nav1D)
+                           of each evaluated stage
   eval/{label}/{metric}    the same for side evaluations (e.g. EDA's behavior model, one-sample policies)
 """
 from __future__ import annotations
@@ -180,7 +181,7 @@ class Trainer:
     def log_eval(self, stats: dict, label: str = "") -> None:
         """An evaluation at the global step: eval/{metric}, or eval/{label}/{metric} for a side evaluation."""
         prefix = f"eval/{label}/" if label else "eval/"
-        for metric in ("return_mean", "return_std", "normalized_mean", "coherency"):
+        for metric in ("return_mean", "return_std", "normalized_mean", "success_rate", "coherency"):
             if metric in stats:
                 tag = {"return_mean": "return", "normalized_mean": "normalized_score"}.get(metric, metric)
                 self.run.writer.add_scalar(prefix + tag, stats[metric], self.global_step)
@@ -195,7 +196,8 @@ class Trainer:
             self.run.writer.add_scalar("charts/eval_actions_per_s", speed, self.global_step)
         self.results[name] = stats
         self.log_eval(stats, label)
-        extra = f", coherency {stats['coherency']:.3f}" if "coherency" in stats else ""
+        extra = f", success rate {stats['success_rate']:.2f}" if "success_rate" in stats else ""
+        extra += f", coherency {stats['coherency']:.3f}" if "coherency" in stats else ""
         if "denoising_error" in stats:
             extra += (f", denoising error {stats['denoising_error']:.3f}, actions at bounds "
                       f"{stats['actions_at_bounds']:.2f}")
