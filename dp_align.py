@@ -257,6 +257,9 @@ PRESETS: dict[str, dict] = {
     # The expert data covers a narrow band of actions, so Q is unreliable elsewhere: without the KL to the reference,
     # RL alone took the return from 7.27 to 2.28 (coherency 0.19); with kl_coef=10, 7.27 -> 7.35 (coherency 0.94).
     "nav1d-expert": dict(kl_coef=10.0),
+    # MetaWorld's 500-step episodes: Diffusion Policy's own horizons for state-based manipulation (observe 2 steps,
+    # predict 16, execute 8), so an evaluation calls the policy every 8 steps
+    "metaworld": dict(obs_horizon=2, pred_horizon=16, action_horizon=8),
 }
 
 COMPUTE_PRESETS: dict[str, dict] = {  # --preset: sizes for a machine, over the dataset's preset (README)

@@ -80,3 +80,6 @@ def test_both_alignment_scripts_run_on_metaworld_and_report_success(tiny_dataset
     assert {"foundation", "aligned"} <= set(stages)
     assert all(0.0 <= stats["success_rate"] <= 1.0 for stats in stages.values())
     assert "success rate" in result.stdout
+    if script == "dp_align":  # the MetaWorld preset: Diffusion Policy's own horizons
+        args = json.loads((tmp_path / "run" / "args.json").read_text())
+        assert (args["obs_horizon"], args["pred_horizon"], args["action_horizon"]) == (2, 16, 8)
