@@ -6,7 +6,7 @@ Each alignment script trains one foundation and critic; every method then runs f
 `--load-critic`), as many runs at a time as the machine has cores (one thread each). The diffuser's stages are
 shorter than its Nav1D preset's, so its absolute returns are below those of the benchmark tables. The margins asserted
 are about half of the gains these settings gave on the 2-core development machine (MEASURED); runs are deterministic
-on the CPU, so the checks are not flaky.
+on one CPU model, but another model's float kernels take the runs elsewhere, so a margin also has to hold there.
 """
 import json
 import os
@@ -35,11 +35,13 @@ MEASURED = {  # foundation -> aligned with these settings (seed 0, 2-core develo
     ("diffuser_align", "dpo"): (3.50, 4.07), ("diffuser_align", "sft"): (3.50, 4.25),
     ("diffuser_align", "cascade"): (3.50, 4.67), ("diffuser_align", "rl,dpo,sft"): (3.50, 5.66),
 }
-MARGINS = {  # about half of each measured gain
+# about half of each measured gain; the diffuser's SFT gained 0.75 on one development machine but 0.24 on another
+# (3.50 -> 3.74, the same on the code before and after the change that found it), so its margin is 0.1
+MARGINS = {
     ("dp_align", "rl"): 1.3, ("dp_align", "qvpg"): 0.8, ("dp_align", "dpo"): 1.0, ("dp_align", "sft"): 0.15,
     ("dp_align", "cascade"): 2.0, ("dp_align", "rl,dpo,sft"): 1.3,
     ("diffuser_align", "rl"): 1.2, ("diffuser_align", "qvpg"): 1.5, ("diffuser_align", "dpo"): 0.3,
-    ("diffuser_align", "sft"): 0.35, ("diffuser_align", "cascade"): 0.6, ("diffuser_align", "rl,dpo,sft"): 1.0,
+    ("diffuser_align", "sft"): 0.1, ("diffuser_align", "cascade"): 0.6, ("diffuser_align", "rl,dpo,sft"): 1.0,
 }
 EDA_RUN = ["--behavior-steps", "1000", "--critic-steps", "2000", "--align-steps", "1500", "--eval-episodes", "20",
            "--eval-every", "0"]
