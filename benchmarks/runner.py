@@ -144,24 +144,34 @@ def restore_summaries(jobs: list[Job], archive: Path, same_code_only: bool = Tru
     """Put archived results back for runs that have none yet. To continue a sweep (`same_code_only`), only runs made
     with the code this checkout has (the same last change of the run's code, no uncommitted edits): finished runs
     are then not trained again, and an edit to the code never lets old numbers pass for new ones. To rebuild tables,
-    all of them (each table names the code its runs used)."""
+    all of them (each table names the code its runs used). An archive holds no checkpoints, so a sweep does not restore
+    a run that another run still to be made loads: it trains again (with its seed, to the same numbers)."""
     if not archive.exists():
         return 0
     entries = json.loads(archive.read_text())
     checkout = {}  # code paths -> (HEAD with '+uncommitted' when edited, the last commit that changed them)
-    restored = 0
-    for job in jobs:
+
+    def restorable(job: Job) -> bool:
         entry = entries.get(job.run_dir.name)
         if entry is None or job.summary_path.exists() or job.run_dir.exists():
-            continue
+            return False
+        if not same_code_only:
+            return True
         if job.code_paths not in checkout:
             head = git_commit(job.code_paths)
             checkout[job.code_paths] = head, last_change(head.partition("+")[0], job.code_paths)
         head, version = checkout[job.code_paths]
-        same_code = "+" not in head and all("+" not in made and last_change(made, job.code_paths) == version
-                                            for made in entry["commits"])
-        if same_code_only and not same_code:
+        return "+" not in head and all("+" not in made and last_change(made, job.code_paths) == version
+                                       for made in entry["commits"])
+
+    coming_back = {job.run_dir for job in jobs if restorable(job)}
+    if same_code_only:
+        coming_back -= {job.needs for job in jobs if job.run_dir not in coming_back and not job.summary_path.exists()}
+    restored = 0
+    for job in jobs:
+        if job.run_dir not in coming_back:
             continue
+        entry = entries[job.run_dir.name]
         job.run_dir.mkdir(parents=True)
         job.summary_path.write_text(json.dumps(entry["summary"]))
         job.commits_path.parent.mkdir(parents=True, exist_ok=True)

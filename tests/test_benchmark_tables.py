@@ -101,6 +101,30 @@ def test_archived_runs_come_back_only_for_the_code_that_made_them(tmp_path, monk
     assert fresh[1].summary()["stages"]["aligned"]["return_mean"] == 3.0
 
 
+def test_an_archived_base_run_is_trained_again_when_a_run_still_to_be_made_loads_it(tmp_path, monkeypatch):
+    """The archive keeps summaries, not checkpoints: restoring a base whose dependants must still run would leave
+    them nothing to load."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=nav1d_tables.REPO_ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    monkeypatch.setattr(runner, "git_commit", lambda paths=(): head)
+    archive = tmp_path / "runs.json"
+    made_base, made_variants = nav1d_tables.eda_ratio_jobs(tmp_path / "a", [0])
+    for job in made_base + made_variants[:1]:  # the sweep stopped after the first ratio point
+        write_summary(job, 1.0, 2.0)
+        job.commits_path.parent.mkdir(parents=True, exist_ok=True)
+        job.commits_path.write_text(head + "\n")
+    runner.archive_summaries(made_base + made_variants, archive)
+
+    base, variants = nav1d_tables.eda_ratio_jobs(tmp_path / "b", [0])
+    assert runner.restore_summaries(base + variants, archive) == 1  # the finished ratio point only
+    assert base[0].summary() is None and variants[0].summary() is not None
+
+    base, variants = nav1d_tables.eda_ratio_jobs(tmp_path / "c", [0])
+    assert runner.restore_summaries(base + variants[:1], archive) == 2  # nothing left to load the base: both back
+    base, variants = nav1d_tables.eda_ratio_jobs(tmp_path / "d", [0])
+    assert runner.restore_summaries(base + variants, archive, same_code_only=False) == 2  # tables: every summary
+
+
 def test_eda_coherency_is_read_from_the_summarys_coherency_block(tmp_path):
     job = nav1d_tables.eda_job(tmp_path, "expert", 0)
     job.run_dir.mkdir(parents=True)
