@@ -168,8 +168,8 @@ def restore_summaries(jobs: list[Job], archive: Path, same_code_only: bool = Tru
     if same_code_only:
         coming_back -= {job.needs for job in jobs if job.run_dir not in coming_back and not job.summary_path.exists()}
     restored = 0
-    for job in jobs:
-        if job.run_dir not in coming_back:
+    for job in jobs:  # a run two tables share is listed twice
+        if job.run_dir not in coming_back or job.run_dir.exists():
             continue
         entry = entries[job.run_dir.name]
         job.run_dir.mkdir(parents=True)

@@ -120,7 +120,7 @@ def test_an_archived_base_run_is_trained_again_when_a_run_still_to_be_made_loads
     assert base[0].summary() is None and variants[0].summary() is not None
 
     base, variants = nav1d_tables.eda_ratio_jobs(tmp_path / "c", [0])
-    assert runner.restore_summaries(base + variants[:1], archive) == 2  # nothing left to load the base: both back
+    assert runner.restore_summaries(base + base + variants[:1], archive) == 2  # none left to load the base; twice listed
     base, variants = nav1d_tables.eda_ratio_jobs(tmp_path / "d", [0])
     assert runner.restore_summaries(base + variants, archive, same_code_only=False) == 2  # tables: every summary
 
