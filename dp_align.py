@@ -260,6 +260,8 @@ PRESETS: dict[str, dict] = {
     # MetaWorld's 500-step episodes: Diffusion Policy's own horizons for state-based manipulation (observe 2 steps,
     # predict 16, execute 8), so an evaluation calls the policy every 8 steps
     "metaworld": dict(obs_horizon=2, pred_horizon=16, action_horizon=8),
+    "robomimic": dict(obs_horizon=2, pred_horizon=16, action_horizon=8),  # the same for robomimic's low-dim tasks
+    "pusht": dict(obs_horizon=2, pred_horizon=16, action_horizon=8),  # and for PushT
 }
 
 COMPUTE_PRESETS: dict[str, dict] = {  # --preset: sizes for a machine, over the dataset's preset (README)

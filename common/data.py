@@ -4,6 +4,10 @@ Name resolution, first match wins:
 1. Nav1D: `nav1d-partial|full|expert` (or `nav1d/<kind>-v0`): local Minari datasets made by `nav1d.make_dataset`;
    MetaWorld: `metaworld/<task>/<expert|medium|replay>-v0`, local Minari datasets made from MetaWorld's scripted
    policies by `metaworld_tasks.make_dataset`.
+   Robomimic: `robomimic/<task>/<ph|mh|mg>` (robomimic's low-dim HDF5 files, evaluated on robosuite),
+   `robomimic/lift/scripted-ph|scripted-mh` (made locally in that format), or a path to such a file: see
+   `robomimic_tasks`. PushT: `pusht/dp` (Diffusion Policy's zarr replay buffer), `pusht/scripted` (made locally in
+   that layout) or a path to a `.zarr` buffer: see `pusht_tasks`.
 2. D4RL-style names:
    - locomotion `hopper|halfcheetah|walker2d-<quality>-v<N>` (quality random, medium, expert, medium-replay,
      medium-expert, full-replay) and adroit `pen|door|hammer|relocate-<human|cloned|expert>-v<N>`: the raw D4RL
@@ -86,7 +90,7 @@ class OfflineData:
 
     name: str  # what the user passed to --env
     source: str  # where it came from, e.g. "minari:nav1d/full-v0" or "d4rl-hdf5:/root/.d4rl/datasets/x.hdf5"
-    family: str  # "nav1d" | "locomotion" | "antmaze" | "kitchen" | "adroit" | "other"
+    family: str  # nav1d, metaworld, robomimic, pusht, locomotion, antmaze, kitchen, adroit or other
     observations: np.ndarray  # (N, S) float32
     actions: np.ndarray  # (N, A) float32
     rewards: np.ndarray  # (N,) float32
@@ -129,7 +133,7 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _check_transitions(name: str, source: str, arrays: dict[str, np.ndarray]) -> None:
+def check_transitions(name: str, source: str, arrays: dict[str, np.ndarray]) -> None:
     """Consistent lengths and finite numbers; anything else is a damaged file, reported in one line."""
     count = len(arrays["rewards"])
     if count == 0:
@@ -312,7 +316,7 @@ def _from_minari(name: str, dataset: minari.MinariDataset, family_hint: tuple[st
             f"dataset {name} ({source}) at {dataset.spec.data_path} cannot be read ({_one_line(error)}); delete it "
             f"and get it again"
         ) from None
-    _check_transitions(name, source, arrays)
+    check_transitions(name, source, arrays)
     family, locomotion = family_hint or _family_of(dataset_id, _minari_env_id(dataset))
     metadata = dataset.storage.metadata
     if locomotion is not None:
@@ -530,7 +534,7 @@ def make_adroit_env(task: str) -> gym.Env:
 def _from_d4rl_file(name: str, path: Path, family: str, env: str) -> OfflineData:
     source = f"d4rl-hdf5:{path}"
     arrays, last_episode_finished = read_d4rl_hdf5(path, name)
-    _check_transitions(name, source, arrays)
+    check_transitions(name, source, arrays)
     make_env = (lambda: gym.make(LOCOMOTION_ENVS[env])) if family == "locomotion" else (lambda: make_adroit_env(env))
     probe = make_env()
     env_id, observation_shape, action_space = probe.spec.id, probe.observation_space.shape, probe.action_space
@@ -608,7 +612,7 @@ def _load_d4rl(name: str, family: str, env: str, quality: str, version: str) -> 
 
 def load_offline_data(name: str) -> OfflineData:
     """Resolve a --env name (module docstring) and load the whole dataset; DatasetError when it is unavailable."""
-    from common import metaworld_tasks, nav1d
+    from common import metaworld_tasks, nav1d, pusht_tasks, robomimic_tasks
 
     nav1d_kind = re.fullmatch(r"nav1d-(\w+)|nav1d/(\w+)-v0", name)
     if nav1d_kind:
@@ -620,6 +624,14 @@ def load_offline_data(name: str) -> OfflineData:
     metaworld_name = metaworld_tasks.parse_name(name)
     if metaworld_name is not None:
         return _from_minari(name, metaworld_tasks.make_dataset(*metaworld_name))
+    robomimic_name = robomimic_tasks.parse_name(name)
+    if robomimic_name is not None:
+        return robomimic_tasks.load(name, robomimic_tasks.find_file(*robomimic_name))
+    if robomimic_tasks.is_robomimic_file(name):
+        return robomimic_tasks.load(name, Path(name))
+    pusht_buffer = pusht_tasks.find_buffer(name)
+    if pusht_buffer is not None:
+        return pusht_tasks.load(name, pusht_buffer)
     d4rl = parse_d4rl_name(name)
     if d4rl is not None:
         return _load_d4rl(name, *d4rl)

@@ -22,6 +22,21 @@ def minari_datasets_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def robot_dataset_dirs(tmp_path_factory):
+    """Robomimic files and PushT buffers made by the tests go to per-session folders, not ~/robomimic or ~/pusht."""
+    variables = {"ROBOMIMIC_DATASET_DIR": "robomimic", "PUSHT_DATASET_DIR": "pusht"}
+    previous = {variable: os.environ.get(variable) for variable in variables}
+    for variable, folder in variables.items():
+        os.environ[variable] = str(tmp_path_factory.mktemp(folder))
+    yield
+    for variable, value in previous.items():
+        if value is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = value
+
+
+@pytest.fixture(scope="session", autouse=True)
 def no_dataset_downloads_from_the_internet():
     """D4RL files are fetched only from servers a test starts on 127.0.0.1: by default from a port where nothing
     listens (connections are refused at once), so a missing file is an error, never a download."""

@@ -1,0 +1,259 @@
+"""PushT with state observations (the alignment paper's Table 3 PushT row), from Diffusion Policy's zarr replay buffer.
+
+`--env` names:
+- a path to a `.zarr` replay buffer in Diffusion Policy's layout: data/state (N, 5: agent x, y, block x, y, block
+  angle), data/action (N, 2: the agent's target position), meta/episode_ends (cumulative episode lengths); other
+  arrays (img, keypoint, n_contacts) are ignored.
+- `pusht/dp`: Diffusion Policy's `pusht_cchi_v7_replay.zarr`, looked for in $PUSHT_DATASET_DIR (if set), else
+  ~/pusht; a missing one is an error naming the download address.
+- `pusht/scripted`: made on first use in that folder, in the same layout, by a scripted pusher (SCRIPTED_EPISODES
+  episodes): it pushes the block's centre toward the goal from behind and does not turn it, so it reaches partial
+  coverage, rarely success. Data for tests and smoke runs, not a benchmark.
+
+Environment: `gym_pusht/PushT-v0` (obs_type "state", 300 steps). The env's own reward each step is the block's
+coverage of the goal / 0.95, clipped to 1; Diffusion Policy scores an episode by the highest of these. The reward
+used here (PushTScore, and the same rule on the data) is the gain in that running best, so an episode's return IS
+Diffusion Policy's score and the normalised score (reference returns 0 and 1) is it in percent. info["success"] is the
+env's is_success (coverage above 95%), which also ends the episode. The zarr holds no rewards: they are computed
+from the logged states with the env's coverage, and the last step of an episode, whose next state the buffer does
+not hold, gets its own state as successor and no reward.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+from common.runtime import ExclusiveLock, UserError
+
+ENV_ID = "gym_pusht/PushT-v0"
+DP_FILE = "pusht_cchi_v7_replay.zarr"
+DP_DOWNLOAD = "https://diffusion-policy.cs.columbia.edu/data/training/pusht.zip"
+DATASET_DIR_VARIABLE = "PUSHT_DATASET_DIR"
+INSTALL = "pip install gym-pusht==0.1.8 zarr==3.1.6 (requirements.txt pins them)"
+SCRIPTED_EPISODES = 100
+SCRIPTED_SEED = 5_2024
+SCRIPTED_NOISE = 8.0  # std of the scripted pusher's target noise, pixels
+
+
+class PushTError(UserError):
+    """A PushT name, buffer or package that cannot be used; the message is one line."""
+
+
+def dataset_directory() -> Path:
+    return Path(os.environ.get(DATASET_DIR_VARIABLE) or Path.home() / "pusht")
+
+
+def _zarr():
+    try:
+        import zarr
+    except ImportError:
+        raise PushTError(f"zarr is not installed: {INSTALL}") from None
+    return zarr
+
+
+def make_env() -> gym.Env:
+    """PushT with state observations and Diffusion Policy's score as the return (module docstring)."""
+    try:
+        importlib.import_module("gym_pusht")  # registers the env
+    except ImportError:
+        raise PushTError(f"gym-pusht is not installed: {INSTALL}") from None
+    return PushTScore(gym.make(ENV_ID, obs_type="state"))
+
+
+class PushTScore(gym.Wrapper):
+    """Reward = the gain in the episode's best coverage score, so the return is Diffusion Policy's score;
+    info["success"] from the env's is_success."""
+
+    def reset(self, **kwargs):
+        self.best = 0.0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        observation, score, terminated, truncated, info = self.env.step(action)
+        gain = max(float(score) - self.best, 0.0)
+        self.best = max(self.best, float(score))
+        return observation, gain, terminated, truncated, info | {"success": bool(info["is_success"])}
+
+
+def is_replay_buffer(name: str) -> bool:
+    return Path(name).suffix == ".zarr" and Path(name).is_dir()
+
+
+def find_buffer(name: str) -> Path | None:
+    """The replay buffer a PushT name or path refers to (made first for `pusht/scripted`); None for other names."""
+    if is_replay_buffer(name):
+        return Path(name)
+    match = re.fullmatch(r"pusht/([\w-]+)", name)
+    if match is None:
+        return None
+    if match.group(1) == "scripted":
+        return make_scripted_buffer()
+    if match.group(1) == "dp":
+        path = dataset_directory() / DP_FILE
+        if not path.is_dir():
+            raise PushTError(f"dataset pusht/dp not found: no {DP_FILE} in {dataset_directory()}; get it from "
+                             f"{DP_DOWNLOAD} (unzip it there, or set {DATASET_DIR_VARIABLE} to its folder)")
+        return path
+    raise PushTError(f"unknown PushT dataset {name}; use pusht/dp, pusht/scripted or a path to a .zarr replay buffer")
+
+
+def read_buffer(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(states (N, 5), actions (N, 2), episode ends (E,)) of a Diffusion Policy replay buffer, checked."""
+    zarr = _zarr()
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as error:
+        raise PushTError(f"cannot read PushT replay buffer {path} ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())})") from None
+    missing = [key for key in ("data/state", "data/action", "meta/episode_ends") if key not in root]
+    if missing:
+        raise PushTError(f"PushT replay buffer {path} lacks {', '.join(missing)} (Diffusion Policy's layout: "
+                         f"data/state, data/action, meta/episode_ends)")
+    states = np.asarray(root["data/state"][:], dtype=np.float64)
+    actions = np.asarray(root["data/action"][:], dtype=np.float32)
+    ends = np.asarray(root["meta/episode_ends"][:], dtype=np.int64)
+    if states.ndim != 2 or states.shape[1] != 5 or actions.shape != (len(states), 2):
+        raise PushTError(f"PushT replay buffer {path} has data/state {states.shape} and data/action {actions.shape}; "
+                         f"expected (N, 5) and (N, 2)")
+    if len(ends) == 0 or ends[-1] != len(states) or np.any(np.diff(np.concatenate([[0], ends])) <= 0):
+        raise PushTError(f"PushT replay buffer {path}: meta/episode_ends must rise strictly to the number of steps "
+                         f"({len(states)}), found {ends[:5].tolist()}...{ends[-1:].tolist()}")
+    return states, actions, ends
+
+
+def coverages(env: gym.Env, states: np.ndarray) -> np.ndarray:
+    """The env's coverage of the goal by the block in each logged state, from the env's own geometry with the block
+    placed at the logged pose. Not through reset(options={"reset_to_state"}): that sets the angle after the position,
+    and pymunk turns a body about its centre of gravity (45 px from the T's origin), so the block would not be where
+    the observation says; it also steps the physics once, which moves the block when the agent touches it."""
+    core = env.unwrapped
+    core.reset(seed=0)
+    covered = np.empty(len(states))
+    for index, state in enumerate(states):
+        core.block.angle = float(state[4])  # the angle first: then the position lands the origin where it was logged
+        core.block.position = (float(state[2]), float(state[3]))
+        covered[index] = core._get_coverage()
+    return covered
+
+
+def transitions(states: np.ndarray, actions: np.ndarray, ends: np.ndarray, covered: np.ndarray,
+                success_threshold: float) -> dict[str, np.ndarray]:
+    """The buffer as transition arrays with PushTScore's rewards and the env's success as termination."""
+    observations = states.copy()
+    observations[:, 4] %= 2 * np.pi  # the env reports the block angle in [0, 2 pi)
+    scores = np.minimum(covered / success_threshold, 1.0)
+    next_index = np.arange(1, len(states) + 1)
+    last = np.zeros(len(states), dtype=bool)
+    last[ends - 1] = True
+    next_index[last] = np.flatnonzero(last)  # the buffer does not hold the last step's successor
+    rewards = np.zeros(len(states))
+    terminals = np.zeros(len(states), dtype=bool)
+    for start, end in zip(np.concatenate([[0], ends[:-1]]), ends):
+        best = np.maximum.accumulate(scores[start + 1:end])  # the running best after each step but the last
+        rewards[start:end - 1] = np.diff(np.concatenate([[0.0], best]))
+        terminals[start:end - 1] = covered[start + 1:end] > success_threshold
+    return {"observations": observations.astype(np.float32),
+            "next_observations": observations[next_index].astype(np.float32),
+            "actions": actions, "rewards": rewards.astype(np.float32), "terminals": terminals, "episode_ends": last}
+
+
+def load(name: str, path: Path):
+    from common.data import OfflineData, check_transitions
+
+    states, actions, ends = read_buffer(path)
+    env = make_env()
+    try:
+        arrays = transitions(states, actions, ends, coverages(env, states), env.unwrapped.success_threshold)
+        action_space = env.action_space
+    finally:
+        env.close()
+    source = f"zarr:{path}"
+    check_transitions(name, source, arrays)
+    return OfflineData(name=name, source=source, family="pusht", **arrays, ref_min_score=0.0, ref_max_score=1.0,
+                       make_env=make_env, action_low=action_space.low.astype(np.float32),
+                       action_high=action_space.high.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Scripted pusher
+# ------------------------------------------------------------------------------------------------------------------
+class ScriptedPusher:
+    """Go around to the point behind the block (seen from the goal), then push through the block's centre toward
+    the goal's position; the block's angle is left as it comes."""
+
+    GOAL = np.array([256.0, 256.0])
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+
+    def __call__(self, state: np.ndarray) -> np.ndarray:
+        agent, block = state[:2], state[2:4]
+        to_goal = self.GOAL - block
+        distance = np.linalg.norm(to_goal)
+        direction = to_goal / max(distance, 1e-6)
+        behind = block - 70.0 * direction
+        if np.dot(agent - block, direction) > -30.0:  # not behind the block yet: around it, on the agent's side
+            side = np.array([-direction[1], direction[0]])
+            side *= 1.0 if np.dot(agent - block, side) >= 0 else -1.0
+            target = block + 90.0 * side - 50.0 * direction
+        elif np.linalg.norm(agent - behind) > 20.0:
+            target = behind
+        else:
+            target = block + min(distance, 40.0) * direction
+        target = target + self.rng.normal(0.0, SCRIPTED_NOISE, 2)
+        return np.clip(target, 0.0, 512.0).astype(np.float32)
+
+
+def make_scripted_buffer(episodes: int = SCRIPTED_EPISODES) -> Path:
+    """`pusht/scripted` as a zarr replay buffer, made once under a lock and renamed into place when complete."""
+    path = dataset_directory() / "pusht_scripted_replay.zarr"
+    if path.is_dir():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = ExclusiveLock(path.parent / ".pusht_scripted_replay.lock", "making pusht/scripted", wait=True)
+    try:
+        if not path.is_dir():
+            _write_scripted_buffer(path, episodes)
+    finally:
+        lock.release()
+    return path
+
+
+def _write_scripted_buffer(path: Path, episodes: int) -> None:
+    import shutil
+
+    env = make_env()
+    states, actions, ends = [], [], []
+    print(f"making pusht/scripted: {episodes} scripted episodes into {path}")
+    try:
+        for episode in range(episodes):
+            sequence = np.random.SeedSequence([SCRIPTED_SEED, episode])
+            state, _ = env.reset(seed=int(sequence.generate_state(1)[0]))
+            pusher = ScriptedPusher(np.random.default_rng(sequence))
+            done = False
+            while not done:
+                action = pusher(state)
+                states.append(state)
+                actions.append(action)
+                state, _, terminated, truncated, _ = env.step(action)
+                done = terminated or truncated
+            ends.append(len(states))
+    finally:
+        env.close()
+    temporary = path.with_suffix(".partial")
+    shutil.rmtree(temporary, ignore_errors=True)
+    write_buffer(temporary, np.asarray(states), np.asarray(actions), np.asarray(ends))
+    temporary.rename(path)
+
+
+def write_buffer(path: Path, states: np.ndarray, actions: np.ndarray, ends: np.ndarray) -> None:
+    """A replay buffer in Diffusion Policy's layout (zarr v2, float32 arrays, int64 episode ends)."""
+    root = _zarr().open_group(str(path), mode="w", zarr_format=2)
+    root.create_group("data").create_array("state", data=states.astype(np.float32))
+    root["data"].create_array("action", data=actions.astype(np.float32))
+    root.create_group("meta").create_array("episode_ends", data=ends.astype(np.int64))
