@@ -69,6 +69,7 @@ LOCOMOTION_QUALITIES = ("random", "medium", "expert", "medium-replay", "medium-e
 MINARI_MUJOCO_QUALITIES = ("medium", "expert")  # D4RL qualities with a Minari mujoco/<env>/<quality>-v0 namesake
 ANTMAZE_TASKS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
 KITCHEN_TASKS = ("complete", "partial", "mixed")
+KITCHEN_DEFAULT_TASKS = ("microwave", "kettle", "light switch", "slide cabinet")  # FrankaKitchen-v1's default
 ADROIT_TASKS = ("pen", "hammer", "door", "relocate")
 ADROIT_KINDS = ("human", "cloned", "expert")
 ADROIT_ENVS = {task: f"AdroitHand{task.capitalize()}-v1" for task in ADROIT_TASKS}  # Gymnasium-Robotics
@@ -232,6 +233,26 @@ def _family_of(dataset_id: str, env_id: str) -> tuple[str, str | None]:
     return "other", None
 
 
+def _eval_env_kwargs(dataset: minari.MinariDataset) -> dict:
+    """The keyword arguments of the dataset's evaluation env as recorded in its metadata ({} if none)."""
+    eval_spec = dataset.storage.metadata.get("eval_env_spec") or dataset.env_spec
+    if eval_spec is None:
+        return {}
+    return dict(json.loads(eval_spec).get("kwargs", {}) if isinstance(eval_spec, str) else eval_spec.kwargs)
+
+
+class KitchenSubtasks(gym.Wrapper):
+    """FrankaKitchen with info["success"] once every sub-task of the episode is done. Its reward is the number of
+    sub-tasks completed at that step, each counted once, so the return counts the completed sub-tasks and the
+    normalised score (references 0 and the number of sub-tasks) is the percent completed: the alignment paper's
+    relay-kitchen metric."""
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        done = len(info["episode_task_completions"]) == len(self.env.unwrapped.goal)
+        return observation, reward, terminated, truncated, info | {"success": done}
+
+
 def _minari_env_id(dataset: minari.MinariDataset) -> str:
     eval_spec = dataset.storage.metadata.get("eval_env_spec")
     if eval_spec:
@@ -321,6 +342,8 @@ def _from_minari(name: str, dataset: minari.MinariDataset, family_hint: tuple[st
     metadata = dataset.storage.metadata
     if locomotion is not None:
         ref_min, ref_max = D4RL_REFERENCE_RETURNS[locomotion]
+    elif family == "kitchen":  # the return counts the sub-tasks done: normalised, the percent of them (KitchenSubtasks)
+        ref_min, ref_max = 0.0, float(len(_eval_env_kwargs(dataset).get("tasks_to_complete", KITCHEN_DEFAULT_TASKS)))
     elif "ref_min_score" in metadata and "ref_max_score" in metadata:
         ref_min, ref_max = float(metadata["ref_min_score"]), float(metadata["ref_max_score"])
     else:
@@ -341,7 +364,7 @@ def _from_minari(name: str, dataset: minari.MinariDataset, family_hint: tuple[st
                 f"cannot make the evaluation env of {dataset_id} ({_one_line(error)}); install the package that "
                 f"provides it (antmaze, kitchen, adroit: pip install gymnasium-robotics)"
             ) from None
-        return _flat_env(env)
+        return _flat_env(KitchenSubtasks(env) if family == "kitchen" else env)
 
     return OfflineData(
         name=name, source=source, family=family, **arrays, ref_min_score=ref_min, ref_max_score=ref_max,
