@@ -7,7 +7,7 @@ Name resolution, first match wins:
    Robomimic: `robomimic/<task>/<ph|mh|mg>` (robomimic's low-dim HDF5 files, evaluated on robosuite),
    `robomimic/lift/scripted-ph|scripted-mh` (made locally in that format), or a path to such a file: see
    `robomimic_tasks`. PushT: `pusht/dp` (Diffusion Policy's zarr replay buffer), `pusht/scripted` (made locally in
-   that layout) or a path to a `.zarr` buffer: see `pusht_tasks`.
+   that layout), a path to a `.zarr` buffer, `lerobot/pusht_keypoints` or a LeRobot dataset folder: see `pusht_tasks`.
 2. D4RL-style names:
    - locomotion `hopper|halfcheetah|walker2d-<quality>-v<N>` (quality random, medium, expert, medium-replay,
      medium-expert, full-replay) and adroit `pen|door|hammer|relocate-<human|cloned|expert>-v<N>`: the raw D4RL
@@ -655,6 +655,9 @@ def load_offline_data(name: str) -> OfflineData:
     pusht_buffer = pusht_tasks.find_buffer(name)
     if pusht_buffer is not None:
         return pusht_tasks.load(name, pusht_buffer)
+    lerobot_folder = pusht_tasks.find_lerobot(name)
+    if lerobot_folder is not None:
+        return pusht_tasks.load(name, lerobot_folder, lerobot=True)
     d4rl = parse_d4rl_name(name)
     if d4rl is not None:
         return _load_d4rl(name, *d4rl)

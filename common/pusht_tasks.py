@@ -9,10 +9,17 @@
 - `pusht/scripted`: made on first use in that folder, in the same layout, by a scripted pusher (SCRIPTED_EPISODES
   episodes): it pushes the block's centre toward the goal from behind and does not turn it, so it reaches partial
   coverage, rarely success. Data for tests and smoke runs, not a benchmark.
+- `lerobot/pusht_keypoints`, or a path to a LeRobot dataset folder (meta/info.json, data/**/*.parquet; LeRobot
+  2.x and 3.0 lay the parquet files out differently, both are read): observation.environment_state (the
+  T's 8 keypoints), observation.state (the agent's position), action, next.reward, next.success, episode_index and
+  frame_index. Looked for in $HF_LEROBOT_HOME (if set), else ~/.cache/huggingface/lerobot. `lerobot/pusht` itself
+  logs only the agent's position as state (the block is in its images), so it is refused for a state policy.
+  Evaluated on gym-pusht's keypoint observations (obs_type "environment_state_agent_pos", flattened like the data).
 
-Environment: `gym_pusht/PushT-v0` (obs_type "state", 300 steps). The env's own reward each step is the block's
-coverage of the goal / 0.95, clipped to 1; Diffusion Policy scores an episode by the highest of these. The reward
-used here (PushTScore, and the same rule on the data) is the gain in that running best, so an episode's return IS
+Environment: `gym_pusht/PushT-v0` (obs_type "state" for the zarr buffers, 300 steps). The env's own reward each
+step is the block's coverage of the goal / 0.95, clipped to 1; Diffusion Policy scores an episode by the highest of
+these. The reward used here (PushTScore, and the same rule on the data) is the gain in that running best, so an
+episode's return IS
 Diffusion Policy's score and the normalised score (reference returns 0 and 1) is it in percent. info["success"] is the
 env's is_success (coverage above 95%), which also ends the episode. The zarr holds no rewards: they are computed
 from the logged states with the env's coverage, and the last step of an episode, whose next state the buffer does
@@ -34,7 +41,7 @@ ENV_ID = "gym_pusht/PushT-v0"
 DP_FILE = "pusht_cchi_v7_replay.zarr"
 DP_DOWNLOAD = "https://diffusion-policy.cs.columbia.edu/data/training/pusht.zip"
 DATASET_DIR_VARIABLE = "PUSHT_DATASET_DIR"
-INSTALL = "pip install gym-pusht==0.1.8 zarr==3.1.6 (requirements.txt pins them)"
+INSTALL = "pip install gym-pusht==0.1.8 zarr==3.1.6 pyarrow==26.0.1 (requirements.txt pins them)"
 SCRIPTED_EPISODES = 100
 SCRIPTED_SEED = 5_2024
 SCRIPTED_NOISE = 8.0  # std of the scripted pusher's target noise, pixels
@@ -56,13 +63,16 @@ def _zarr():
     return zarr
 
 
-def make_env() -> gym.Env:
-    """PushT with state observations and Diffusion Policy's score as the return (module docstring)."""
+def make_env(obs_type: str = "state") -> gym.Env:
+    """PushT with Diffusion Policy's score as the return (module docstring); flat observations of `obs_type`."""
+    from common.data import FlatObservation
+
     try:
         importlib.import_module("gym_pusht")  # registers the env
     except ImportError:
         raise PushTError(f"gym-pusht is not installed: {INSTALL}") from None
-    return PushTScore(gym.make(ENV_ID, obs_type="state"))
+    env = PushTScore(gym.make(ENV_ID, obs_type=obs_type))
+    return env if obs_type == "state" else FlatObservation(env)
 
 
 class PushTScore(gym.Wrapper):
@@ -78,6 +88,73 @@ class PushTScore(gym.Wrapper):
         gain = max(float(score) - self.best, 0.0)
         self.best = max(self.best, float(score))
         return observation, gain, terminated, truncated, info | {"success": bool(info["is_success"])}
+
+
+def lerobot_directory() -> Path:
+    return Path(os.environ.get("HF_LEROBOT_HOME") or Path.home() / ".cache" / "huggingface" / "lerobot")
+
+
+def find_lerobot(name: str) -> Path | None:
+    """The LeRobot dataset folder a name or path refers to; None for other names."""
+    if (Path(name) / "meta" / "info.json").is_file():
+        return Path(name)
+    if name == "lerobot/pusht":
+        raise PushTError("lerobot/pusht logs only the agent's position as its state (the block is in its images), so "
+                         "a state policy cannot learn from it; use lerobot/pusht_keypoints (the T's keypoints)")
+    if name != "lerobot/pusht_keypoints":
+        return None
+    path = lerobot_directory() / name
+    if not (path / "meta" / "info.json").is_file():
+        raise PushTError(f"dataset {name} not found in {path}; get it with: huggingface-cli download {name} "
+                         f"--repo-type dataset --local-dir {path} (or set HF_LEROBOT_HOME)")
+    return path
+
+
+LEROBOT_COLUMNS = ("observation.environment_state", "observation.state", "action", "next.reward", "episode_index",
+                   "frame_index")
+
+
+def read_lerobot(path: Path) -> dict[str, np.ndarray]:
+    """The columns a state policy needs, over every parquet file of the dataset, in episode and frame order."""
+    import json
+
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise PushTError(f"pyarrow is not installed: {INSTALL}") from None
+    features = json.loads((path / "meta" / "info.json").read_text()).get("features", {})
+    missing = [column for column in LEROBOT_COLUMNS if column not in features]
+    if missing:
+        raise PushTError(f"LeRobot dataset {path} lacks {', '.join(missing)} in meta/info.json's features (a state "
+                         f"policy on PushT needs {', '.join(LEROBOT_COLUMNS)})")
+    files = sorted((path / "data").rglob("*.parquet"))
+    if not files:
+        raise PushTError(f"LeRobot dataset {path} has no parquet files under data/")
+    columns = list(LEROBOT_COLUMNS) + (["next.success"] if "next.success" in features else [])
+    tables = [parquet.read_table(file, columns=columns) for file in files]
+    arrays = {column: np.concatenate([np.asarray(table.column(column).to_pylist()) for table in tables])
+              for column in columns}
+    order = np.lexsort((arrays["frame_index"], arrays["episode_index"]))
+    return {column: values[order] for column, values in arrays.items()}
+
+
+def lerobot_transitions(columns: dict[str, np.ndarray], space: gym.Space) -> dict[str, np.ndarray]:
+    """LeRobot PushT columns as transition arrays with PushTScore's rewards (from the logged next.reward)."""
+    from common.data import flatten_observation
+
+    observations = flatten_observation(space, {"environment_state": columns["observation.environment_state"],
+                                               "agent_pos": columns["observation.state"]})
+    episodes = columns["episode_index"]
+    last = np.append(episodes[1:] != episodes[:-1], True)
+    next_index = np.where(last, np.arange(len(episodes)), np.arange(1, len(episodes) + 1))
+    rewards = np.zeros(len(episodes))
+    for episode in np.unique(episodes):
+        rows = np.flatnonzero(episodes == episode)
+        rewards[rows] = np.diff(np.concatenate([[0.0], np.maximum.accumulate(columns["next.reward"][rows])]))
+    success = columns.get("next.success", np.zeros(len(episodes), dtype=bool)).astype(bool)
+    return {"observations": observations, "next_observations": observations[next_index],
+            "actions": columns["action"].astype(np.float32), "rewards": rewards.astype(np.float32),
+            "terminals": success, "episode_ends": last}
 
 
 def is_replay_buffer(name: str) -> bool:
@@ -162,20 +239,25 @@ def transitions(states: np.ndarray, actions: np.ndarray, ends: np.ndarray, cover
             "actions": actions, "rewards": rewards.astype(np.float32), "terminals": terminals, "episode_ends": last}
 
 
-def load(name: str, path: Path):
+def load(name: str, path: Path, lerobot: bool = False):
+    """A zarr replay buffer, or (`lerobot`) a LeRobot dataset folder, as OfflineData."""
     from common.data import OfflineData, check_transitions
 
-    states, actions, ends = read_buffer(path)
-    env = make_env()
+    obs_type = "environment_state_agent_pos" if lerobot else "state"
+    env = make_env(obs_type)
     try:
-        arrays = transitions(states, actions, ends, coverages(env, states), env.unwrapped.success_threshold)
+        if lerobot:
+            arrays = lerobot_transitions(read_lerobot(path), env.unwrapped.observation_space)
+        else:
+            states, actions, ends = read_buffer(path)
+            arrays = transitions(states, actions, ends, coverages(env, states), env.unwrapped.success_threshold)
         action_space = env.action_space
     finally:
         env.close()
-    source = f"zarr:{path}"
+    source = f"{'lerobot' if lerobot else 'zarr'}:{path}"
     check_transitions(name, source, arrays)
     return OfflineData(name=name, source=source, family="pusht", **arrays, ref_min_score=0.0, ref_max_score=1.0,
-                       make_env=make_env, action_low=action_space.low.astype(np.float32),
+                       make_env=lambda: make_env(obs_type), action_low=action_space.low.astype(np.float32),
                        action_high=action_space.high.astype(np.float32))
 
 

@@ -116,3 +116,72 @@ def test_dp_align_runs_on_pusht_with_diffusion_policys_horizons(tmp_path):
     assert {"foundation", "aligned"} <= set(stages) and all("success_rate" in stats for stats in stages.values())
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert (args["obs_horizon"], args["pred_horizon"], args["action_horizon"]) == (2, 16, 8)
+
+
+def write_lerobot(folder, episodes: list[dict], one_file: bool) -> None:
+    """A LeRobot dataset of PushT keypoint episodes: one parquet file per episode (LeRobot 2.x) or one for all (3.0)."""
+    import pyarrow
+    import pyarrow.parquet as parquet
+
+    features = {column: {"dtype": "float32"} for column in pusht_tasks.LEROBOT_COLUMNS + ("next.success",)}
+    (folder / "meta").mkdir(parents=True)
+    (folder / "meta" / "info.json").write_text(json.dumps({"codebase_version": "v2.1", "features": features}))
+    tables = [pyarrow.table({column: [list(map(float, value)) if np.ndim(value) else value for value in values]
+                             for column, values in episode.items()}) for episode in episodes]
+    parts = [pyarrow.concat_tables(tables)] if one_file else tables
+    for index, table in enumerate(parts):
+        path = folder / "data" / "chunk-000" / (f"file-{index:03d}.parquet" if one_file else f"episode_{index:06d}.parquet")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parquet.write_table(table, path)
+
+
+def keypoint_rollouts(episodes: int, steps: int):
+    """Live episodes with gym-pusht's keypoint observations, as LeRobot columns, and the flat observations and
+    PushTScore rewards the evaluation env gave."""
+    env = pusht_tasks.make_env("environment_state_agent_pos")
+    columns, flat, gains = [], [], []
+    for episode in range(episodes):
+        observation, _ = env.reset(seed=episode)
+        pusher = pusht_tasks.ScriptedPusher(np.random.default_rng(episode))
+        rows = {column: [] for column in pusht_tasks.LEROBOT_COLUMNS + ("next.success",)}
+        for frame in range(steps):
+            core = env.unwrapped
+            state = np.concatenate([core.agent.position, core.block.position, [core.block.angle % (2 * np.pi)]])
+            keypoints = core.get_obs()
+            action = pusher(state)
+            flat.append(observation)
+            observation, gain, terminated, _, info = env.step(action)
+            gains.append(gain)
+            for column, value in [("observation.environment_state", keypoints["environment_state"]),
+                                  ("observation.state", keypoints["agent_pos"]), ("action", action),
+                                  ("next.reward", min(info["coverage"] / 0.95, 1.0)), ("next.success", info["success"]),
+                                  ("episode_index", episode), ("frame_index", frame)]:
+                rows[column].append(value)
+            if terminated:
+                break
+        columns.append(rows)
+    env.close()
+    return columns, np.array(flat), np.array(gains)
+
+
+@pytest.mark.parametrize("one_file", [False, True], ids=["lerobot-2.x", "lerobot-3.0"])
+def test_a_lerobot_keypoint_dataset_loads_with_the_observations_and_rewards_of_the_env(tmp_path, one_file):
+    columns, flat, gains = keypoint_rollouts(episodes=2, steps=40)
+    write_lerobot(tmp_path / "pusht_keypoints", columns[::-1], one_file)  # stored out of order: sorted on load
+    data = load_offline_data(str(tmp_path / "pusht_keypoints"))
+    assert data.source.startswith("lerobot:") and data.observation_dim == 18 and len(data) == 80
+    assert np.allclose(data.observations, flat, atol=1e-4)
+    assert np.allclose(data.rewards, gains, atol=1e-6) and gains.sum() > 0.05
+    assert data.episode_ends.sum() == 2 and data.make_env().reset(seed=0)[0].shape == (18,)
+
+
+def test_lerobot_pusht_or_a_dataset_without_keypoints_is_a_one_line_error(tmp_path):
+    assert_one_line_error(run("dp_align", "--env", "lerobot/pusht", "--run-dir", str(tmp_path / "run"), timeout=120),
+                          "use lerobot/pusht_keypoints")
+    columns, _, _ = keypoint_rollouts(episodes=1, steps=3)
+    write_lerobot(tmp_path / "no_keypoints", columns, one_file=True)
+    info = json.loads((tmp_path / "no_keypoints" / "meta" / "info.json").read_text())
+    del info["features"]["observation.environment_state"]
+    (tmp_path / "no_keypoints" / "meta" / "info.json").write_text(json.dumps(info))
+    result = run("dp_align", "--env", str(tmp_path / "no_keypoints"), "--run-dir", str(tmp_path / "run"), timeout=120)
+    assert_one_line_error(result, "lacks observation.environment_state")
