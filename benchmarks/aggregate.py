@@ -1,0 +1,93 @@
+"""A sweep's summaries as one table: mean ± std over seeds per dataset, swept values and stage.
+
+    python -m benchmarks.aggregate --out runs/sweeps/eda_beta
+
+reads DIR/sweep.json (written by benchmarks.sweep) and every finished run's summary.json, and writes DIR/table.md
+(markdown) and DIR/table.csv (one row per dataset, values and stage; the spread is the population std over the seeds
+that finished, and `seeds` says how many that was).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.runner import markdown_table, mean_std
+
+METRICS = ("return_mean", "normalized_mean", "success_rate")  # per stage, where the summary has them
+
+
+def std_column(metric: str) -> str:
+    """return_mean -> return_std, success_rate -> success_rate_std."""
+    return metric[: -len("_mean")] + "_std" if metric.endswith("_mean") else metric + "_std"
+
+
+def rows(out: Path) -> tuple[list[str], list[dict]]:
+    """(swept options, one dict per dataset x values x stage with the seeds' metrics) of the sweep in `out`."""
+    sweep = json.loads((out / "sweep.json").read_text())
+    groups: dict[tuple, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for point in sweep["points"]:
+        summary_path = out / point["name"] / "summary.json"
+        if not summary_path.is_file():
+            continue
+        key = (point["env"],) + tuple(point["values"][option] for option in sweep["options"])
+        for stage, stats in json.loads(summary_path.read_text())["stages"].items():
+            for metric in METRICS:
+                if metric in stats:
+                    groups[key][stage][metric].append(float(stats[metric]))
+    table = []
+    for key, stages in groups.items():
+        for stage, metrics in stages.items():
+            row = {"env": key[0], **dict(zip(sweep["options"], key[1:])), "stage": stage,
+                   "seeds": len(next(iter(metrics.values())))}
+            for metric, values in metrics.items():
+                row[metric], row[std_column(metric)] = float(np.mean(values)), float(np.std(values))
+                row[f"{metric}_cell"] = mean_std(values)
+            table.append(row)
+    return sweep["options"], table
+
+
+def write(out: Path) -> tuple[Path, Path]:
+    options, table = rows(out)
+    if not table:
+        raise ValueError(f"no finished run in {out}")
+    present = [metric for metric in METRICS if any(metric in row for row in table)]
+    header = ["env", *options, "stage", "seeds", *present]
+    markdown = markdown_table(header, [[row["env"], *(row[option] for option in options), row["stage"],
+                                        str(row["seeds"]), *(row.get(f"{metric}_cell", "—") for metric in present)]
+                                       for row in table])
+    (out / "table.md").write_text(markdown + "\n")
+    numbers = [column for metric in present for column in (metric, std_column(metric))]
+    with open(out / "table.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["env", *options, "stage", "seeds", *numbers])
+        for row in table:
+            writer.writerow([row["env"], *(row[option] for option in options), row["stage"], row["seeds"],
+                             *(row.get(column, "") for column in numbers)])
+    return out / "table.md", out / "table.csv"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the sweep's folder (benchmarks.sweep --out)")
+    options = parser.parse_args(argv)
+    if not (options.out / "sweep.json").is_file():
+        print(f"error: {options.out} holds no sweep.json (made by python -m benchmarks.sweep)", file=sys.stderr)
+        return 2
+    try:
+        markdown, table = write(options.out)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown.read_text(), end="")
+    print(f"wrote {markdown} and {table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
