@@ -5,10 +5,11 @@
   proficient human, mh: multi-human, mg: machine generated): robomimic's low-dim HDF5 file, looked for in
   $ROBOMIMIC_DATASET_DIR (if set), else ~/robomimic/datasets, as <task>/<kind>/ + one of FILE_NAMES (robomimic 0.5's
   file for robosuite 1.5 first). A missing file is an error that names robomimic's download command.
-- `robomimic/lift/scripted-ph` and `robomimic/lift/scripted-mh`: made on first use in that folder, in the same
-  format, from a scripted Lift policy (approach, descend, grasp, lift). ph: one clean operator (small action noise);
-  mh: three operators of rising noise and falling speed, 1/3 of the demonstrations each, with robomimic's mh filter
-  keys mask/better, mask/okay, mask/worse. Only successful demonstrations are kept, as in robomimic's data.
+- `robomimic/<lift|can>/scripted-ph` and `.../scripted-mh`: made on first use in that folder, in the same format,
+  by a scripted policy through the task's WAYPOINTS (Lift: above the cube, down, grasp, lift; Can: the same, then over
+  the can's bin, lower, release, away). ph: one clean operator (small action noise); mh: three operators of rising
+  noise and falling speed, 1/3 of the demonstrations each, with robomimic's mh filter keys mask/better, mask/okay,
+  mask/worse. Only successful demonstrations are kept, as in robomimic's data.
 - a path to a `.hdf5` file in robomimic's format.
 
 Format: data/demo_<i>/{obs/<key>, next_obs/<key>, actions, rewards, dones} (demos in index order) and
@@ -48,8 +49,8 @@ SCRIPTED_OPERATORS = {
     "scripted-ph": {"proficient": (1.0, 0.05, 1.0)},
     "scripted-mh": {"better": (1 / 3, 0.05, 1.0), "okay": (1 / 3, 0.2, 0.6), "worse": (1 / 3, 0.35, 0.4)},
 }
-SCRIPTED_DEMOS = {"scripted-ph": 200, "scripted-mh": 300}  # robomimic's Lift ph and mh have 200 and 300
-SCRIPTED_SEED = 7_2024
+SCRIPTED_DEMOS = {"scripted-ph": 200, "scripted-mh": 300}  # robomimic's Lift and Can ph and mh have 200 and 300
+SCRIPTED_TASKS = ("lift", "can")
 
 
 class RobomimicError(UserError):
@@ -68,7 +69,7 @@ def parse_name(name: str) -> tuple[str, str] | None:
     task, kind = match.groups()
     if task not in HORIZONS:
         raise RobomimicError(f"unknown robomimic task {task!r} in {name}; the tasks are {', '.join(HORIZONS)}")
-    kinds = KINDS + (tuple(SCRIPTED_OPERATORS) if task == "lift" else ())
+    kinds = KINDS + (tuple(SCRIPTED_OPERATORS) if task in SCRIPTED_TASKS else ())
     if kind not in kinds:
         raise RobomimicError(f"unknown robomimic dataset kind {kind!r} in {name}; for {task}: {', '.join(kinds)}")
     return task, kind
@@ -90,7 +91,7 @@ def find_file(task: str, kind: str) -> Path:
     """The dataset file of `robomimic/<task>/<kind>`; a scripted Lift set is made first when missing."""
     folder = dataset_directory() / task / kind
     if kind in SCRIPTED_OPERATORS:
-        return make_scripted_lift(kind)
+        return make_scripted(task, kind)
     for file_name in FILE_NAMES:
         if (folder / file_name).is_file():
             return folder / file_name
@@ -285,42 +286,62 @@ def horizon_of(env_args: dict) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Scripted Lift demonstrations
+# Scripted demonstrations (Lift, Can)
 # ------------------------------------------------------------------------------------------------------------------
-class ScriptedLift:
-    """Approach above the cube, descend, close the gripper, lift: position deltas toward each waypoint under
-    robosuite's delta end-effector control (an action of 1 moves 5 cm), no rotation, gripper -1 open / +1 closed."""
+OPEN, CLOSED = -1.0, 1.0
+CAN_BIN = np.array([0.1975, 0.4025])  # the can's place in PickPlaceCan's target bin (robosuite's bin placements)
+# Per task: the object's position key, then waypoints (target from end effector and object position, gripper, and
+# when to move on: ("reach", tolerance in metres) or ("wait", steps); the last one holds until the episode ends).
+WAYPOINTS = {
+    "lift": ("cube_pos", [
+        (lambda eef, obj: obj + [0.0, 0.0, 0.08], OPEN, ("reach", 0.01)),  # above the cube
+        (lambda eef, obj: obj, OPEN, ("reach", 0.008)),  # down to it
+        (lambda eef, obj: eef, CLOSED, ("wait", 10)),  # grasp
+        (lambda eef, obj: np.array([obj[0], obj[1], 1.05]), CLOSED, None),  # lift
+    ]),
+    "can": ("Can_pos", [
+        (lambda eef, obj: obj + [0.0, 0.0, 0.10], OPEN, ("reach", 0.01)),
+        (lambda eef, obj: obj, OPEN, ("reach", 0.01)),
+        (lambda eef, obj: eef, CLOSED, ("wait", 10)),
+        (lambda eef, obj: np.array([eef[0], eef[1], 1.05]), CLOSED, ("reach", 0.02)),  # up, clear of the bin walls
+        (lambda eef, obj: np.array([*CAN_BIN, 1.05]), CLOSED, ("reach", 0.02)),  # over the can's bin
+        (lambda eef, obj: np.array([*CAN_BIN, 0.95]), CLOSED, ("reach", 0.02)),  # lower
+        (lambda eef, obj: eef, OPEN, ("wait", 10)),  # release
+        (lambda eef, obj: np.array([*CAN_BIN, 1.15]), OPEN, None),  # away: success needs the gripper off the can
+    ]),
+}
+TASK_ENV_ARGS = {task: {"env_name": name, "type": 1, "env_kwargs": {
+    "robots": ["Panda"], "control_freq": 20, "reward_shaping": False, "reward_scale": 1.0, "use_object_obs": True}}
+    for task, name in (("lift", "Lift"), ("can", "PickPlaceCan"))}
+SCRIPTED_SEEDS = {"lift": 7_2024, "can": 7_2025}  # each task's demonstrations draw from a seed of their own
 
-    HOVER, DESCEND, GRASP, LIFT = range(4)
 
-    def __init__(self, noise: float, gain: float, rng: np.random.Generator):
+class ScriptedPickPlace:
+    """A task's WAYPOINTS, followed by position deltas under robosuite's delta end-effector control (an action of 1
+    moves 5 cm), no rotation, plus Gaussian action noise; `gain` < 1 moves more slowly."""
+
+    def __init__(self, task: str, noise: float, gain: float, rng: np.random.Generator):
+        self.object_key, self.waypoints = WAYPOINTS[task]
         self.noise, self.gain, self.rng = noise, gain, rng
-        self.phase, self.grasp_steps = self.HOVER, 0
+        self.index, self.waited = 0, 0
 
     def __call__(self, observation: dict) -> np.ndarray:
-        eef, cube = np.asarray(observation["robot0_eef_pos"]), np.asarray(observation["cube_pos"])
-        target = {self.HOVER: cube + [0.0, 0.0, 0.08], self.DESCEND: cube, self.GRASP: eef,
-                  self.LIFT: np.array([cube[0], cube[1], 1.05])}[self.phase]
-        distance = np.linalg.norm(target - eef)
-        if self.phase == self.HOVER and distance < 0.01:
-            self.phase = self.DESCEND
-        elif self.phase == self.DESCEND and distance < 0.008:
-            self.phase = self.GRASP
-        elif self.phase == self.GRASP:
-            self.grasp_steps += 1
-            self.phase = self.LIFT if self.grasp_steps >= 10 else self.GRASP
+        eef, obj = np.asarray(observation["robot0_eef_pos"]), np.asarray(observation[self.object_key])
+        target_of, _, move_on = self.waypoints[self.index]
+        target = target_of(eef, obj)
+        if move_on is not None:
+            kind, amount = move_on
+            self.waited += 1
+            if (kind == "reach" and np.linalg.norm(target - eef) < amount) or (kind == "wait" and self.waited >= amount):
+                self.index, self.waited = self.index + 1, 0
         action = np.zeros(7)
         action[:3] = np.clip(self.gain * (target - eef) / 0.05, -1, 1)
-        action[6] = 1.0 if self.phase in (self.GRASP, self.LIFT) else -1.0
+        action[6] = self.waypoints[self.index][1]
         action[:6] += self.noise * self.rng.standard_normal(6)
         return np.clip(action, -1, 1)
 
 
-LIFT_ENV_ARGS = {"env_name": "Lift", "type": 1, "env_kwargs": {
-    "robots": ["Panda"], "control_freq": 20, "reward_shaping": False, "reward_scale": 1.0, "use_object_obs": True}}
-
-
-def _record_demo(env: RobomimicEnv, policy: ScriptedLift, seed: int) -> dict[str, np.ndarray] | None:
+def _record_demo(env: RobomimicEnv, policy: ScriptedPickPlace, seed: int) -> dict[str, np.ndarray] | None:
     """One scripted episode up to its first success (None if it fails within the horizon), robomimic's arrays."""
     suite_env = env.suite_env
     with numpy_global_seed(seed):
@@ -346,29 +367,30 @@ def _record_demo(env: RobomimicEnv, policy: ScriptedLift, seed: int) -> dict[str
     return demo
 
 
-def make_scripted_lift(kind: str, demos: int | None = None) -> Path:
-    """The scripted Lift set `kind` (module docstring) as a robomimic file, made once under a lock and moved into
-    place when complete, so an interrupted run never leaves half a file. Deterministic: a function of SCRIPTED_SEED."""
-    path = dataset_directory() / "lift" / kind / "low_dim.hdf5"
+def make_scripted(task: str, kind: str, demos: int | None = None) -> Path:
+    """The scripted set `robomimic/<task>/<kind>` (module docstring) as a robomimic file, made once under a lock and
+    moved into place when complete, so an interrupted run never leaves half a file. Deterministic: a function of
+    the task's SCRIPTED_SEEDS entry."""
+    path = dataset_directory() / task / kind / "low_dim.hdf5"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = ExclusiveLock(path.parent / ".low_dim.hdf5.lock", f"making robomimic/lift/{kind}", wait=True)
+    lock = ExclusiveLock(path.parent / ".low_dim.hdf5.lock", f"making robomimic/{task}/{kind}", wait=True)
     try:
         if not path.is_file():
-            _write_scripted_lift(kind, demos or SCRIPTED_DEMOS[kind], path)
+            _write_scripted(task, kind, demos or SCRIPTED_DEMOS[kind], path)
     finally:
         lock.release()
     return path
 
 
-def _write_scripted_lift(kind: str, demos: int, path: Path) -> None:
-    env = RobomimicEnv(LIFT_ENV_ARGS, HORIZONS["lift"])
+def _write_scripted(task: str, kind: str, demos: int, path: Path) -> None:
+    env = RobomimicEnv(TASK_ENV_ARGS[task], HORIZONS[task])
     operators = SCRIPTED_OPERATORS[kind]
     counts = np.floor(np.cumsum([share for share, _, _ in operators.values()]) * demos + 0.5).astype(int)
     groups = {name: [] for name in operators}
     temporary = path.with_suffix(".partial")
-    print(f"making robomimic/lift/{kind}: {demos} scripted demonstrations into {path}")
+    print(f"making robomimic/{task}/{kind}: {demos} scripted demonstrations into {path}")
     try:
         with h5py.File(temporary, "w") as file:
             data = file.create_group("data")
@@ -378,9 +400,11 @@ def _write_scripted_lift(kind: str, demos: int, path: Path) -> None:
                 _, noise, gain = operators[group]
                 demo = None
                 while demo is None:  # failed attempts are dropped: robomimic's datasets hold successes only
-                    sequence = np.random.SeedSequence([SCRIPTED_SEED, list(SCRIPTED_OPERATORS).index(kind), attempt])
+                    sequence = np.random.SeedSequence([SCRIPTED_SEEDS[task], list(SCRIPTED_OPERATORS).index(kind),
+                                                       attempt])
                     seed = int(sequence.generate_state(1)[0])
-                    demo = _record_demo(env, ScriptedLift(noise, gain, np.random.default_rng(sequence)), seed)
+                    policy = ScriptedPickPlace(task, noise, gain, np.random.default_rng(sequence))
+                    demo = _record_demo(env, policy, seed)
                     attempt += 1
                 stored = data.create_group(f"demo_{index}")
                 for key, values in demo.items():
@@ -390,7 +414,7 @@ def _write_scripted_lift(kind: str, demos: int, path: Path) -> None:
                 groups[group].append(f"demo_{index}")
             data.attrs["total"] = total
             data.attrs["scripted_attempts"] = attempt  # failed attempts included: the operators' success rate
-            data.attrs["env_args"] = json.dumps(LIFT_ENV_ARGS)
+            data.attrs["env_args"] = json.dumps(TASK_ENV_ARGS[task])
             if len(groups) > 1:
                 for group, names in groups.items():
                     file.create_dataset(f"mask/{group}", data=np.array(names, dtype="S"))

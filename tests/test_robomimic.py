@@ -27,7 +27,7 @@ ROBOSUITE_1_4_OSC = {  # the controller config robomimic's robosuite 1.4 files c
 @pytest.fixture(scope="module")
 def lift_file():
     """Three scripted multi-operator Lift demonstrations under the real name (the session's robomimic folder)."""
-    return robomimic_tasks.make_scripted_lift("scripted-mh", demos=DEMOS)
+    return robomimic_tasks.make_scripted("lift", "scripted-mh", demos=DEMOS)
 
 
 def copy_with(tmp_path, source, edit) -> str:
@@ -50,17 +50,18 @@ def test_the_scripted_set_is_in_robomimics_format_and_loads_as_successful_episod
     assert data.episode_ends.sum() == DEMOS and data.terminals.sum() == DEMOS  # each demo ends when the cube is up
     assert np.array_equal(data.terminals, data.episode_ends) and (data.episode_returns() == 1.0).all()
     assert np.allclose(data.observations[1:][~data.episode_ends[:-1]], data.next_observations[:-1][~data.episode_ends[:-1]])
-    assert robomimic_tasks.make_scripted_lift("scripted-mh") == lift_file  # found, not made again
+    assert robomimic_tasks.make_scripted("lift", "scripted-mh") == lift_file  # found, not made again
 
 
 def test_success_ends_an_episode_the_scripted_policy_lifts_the_cube_doing_nothing_does_not(lift_file):
     data = load_offline_data(NAME)
-    policies: dict[int, robomimic_tasks.ScriptedLift] = {}
+    policies: dict[int, robomimic_tasks.ScriptedPickPlace] = {}
 
     def scripted(observations, env_ids):  # flat layout: object (cube position first), then the end effector's position
         actions = []
         for observation, env_id in zip(observations, env_ids):
-            policy = policies.setdefault(int(env_id), robomimic_tasks.ScriptedLift(0.0, 1.0, np.random.default_rng(0)))
+            policy = policies.setdefault(int(env_id), robomimic_tasks.ScriptedPickPlace("lift", 0.0, 1.0,
+                                                                                        np.random.default_rng(0)))
             actions.append(policy({"cube_pos": observation[:3], "robot0_eef_pos": observation[10:13]}))
         return np.stack(actions)
 
@@ -73,6 +74,21 @@ def test_success_ends_an_episode_the_scripted_policy_lifts_the_cube_doing_nothin
     starts = [env.reset(seed=seed)[0][:3] for seed in (0, 0, 1)]
     env.close()
     assert np.array_equal(starts[0], starts[1]) and not np.array_equal(starts[0], starts[2])  # placement from the seed
+
+
+def test_the_scripted_can_policy_puts_the_can_in_its_bin():
+    """Can's waypoints (grasp, carry over the bin, release, move away) end in robosuite's success, in about the
+    length of robomimic's human Can demonstrations (~120 steps)."""
+    env = robomimic_tasks.RobomimicEnv(robomimic_tasks.TASK_ENV_ARGS["can"], robomimic_tasks.HORIZONS["can"])
+    env.reset(seed=0)
+    policy = robomimic_tasks.ScriptedPickPlace("can", 0.05, 1.0, np.random.default_rng(0))
+    for step in range(env.horizon):
+        observation = robomimic_tasks.low_dim_observation(env.suite_env._get_observations())
+        _, reward, success, _, _ = env.step(policy(observation))
+        if success:
+            break
+    env.close()
+    assert success and reward == 1.0 and 60 < step < 250
 
 
 def test_a_file_path_with_robosuite_1_4s_controller_config_loads_and_evaluates(lift_file, tmp_path):
@@ -101,7 +117,7 @@ def test_a_file_without_env_args_or_observation_keys_is_a_one_line_error(lift_fi
 @pytest.mark.parametrize("name, fragment", [
     ("robomimic/can/ph", "python -m robomimic.scripts.download_datasets --tasks can --dataset_types ph"),
     ("robomimic/stack/ph", "lift, can, square, transport, tool_hang"),
-    ("robomimic/can/scripted-ph", "for can: ph, mh, mg"),
+    ("robomimic/square/scripted-ph", "for square: ph, mh, mg"),
 ])
 def test_a_missing_dataset_or_unknown_name_is_a_one_line_error(tmp_path, name, fragment):
     assert_one_line_error(run("dp_align", "--env", name, "--run-dir", str(tmp_path / "run"), timeout=120), fragment)
