@@ -13,7 +13,9 @@ seeds, foundation level dashed), nav1d_coherency_passes.png, nav1d_planner_curve
 coherency after every method), eda_data_ratio.png (EDA's return against the Q-labelled fraction).
 
 Runs go to --out (default runs/benchmark, not committed); finished runs are reused, so the command can be
-interrupted and started again. Each finished run's summary.json and code version are also merged into
+interrupted and started again. Each run goes through benchmarks.sweep's run function (a stopped run continues with
+--resume), and --out gets a sweep.json, so `python -m benchmarks.aggregate --out OUT` writes every run's stages as
+one generic table and CSV next to these tables. Each finished run's summary.json and code version are also merged into
 benchmark_results/nav1d_runs.json, which is committed with the tables: a sweep on a fresh checkout continues from it
 when the scripts' code has not changed since, and `--report-only` rebuilds the tables from it. Each table names the
 command and commit that produced it.
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.runner import (REPO_ROOT, Job, archive_summaries, git_commit, markdown_table, mean_std,
-                               restore_summaries, run_jobs)
+                               restore_summaries, run_jobs, write_sweep_description)
 
 HERE = REPO_ROOT / "benchmark_results"  # where the tables and figures go
 ARCHIVE = HERE / "nav1d_runs.json"  # every finished run's summary and code version, committed with the tables
@@ -372,6 +374,7 @@ def main() -> None:
     base, variants = method_jobs(out, options.seeds) if "methods" in options.tables else ([], [])
     ratio_base, ratio_variants = eda_ratio_jobs(out, options.seeds) if "eda_ratio" in options.tables else ([], [])
     every_job = planners + policies + base + variants + ratio_base + ratio_variants
+    write_sweep_description(every_job, out)  # `python -m benchmarks.aggregate --out OUT` also reads these runs
     restored = restore_summaries(every_job, ARCHIVE, same_code_only=not options.report_only)
     if restored:
         print(f"{restored} runs restored from {ARCHIVE.relative_to(REPO_ROOT)} (made with this checkout's code)")

@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from benchmarks.sweep import run_point
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -112,21 +114,29 @@ def run_jobs(jobs: list[Job], parallel: int, after_each: Callable[[Job], None] |
 
 
 def run_command(job: Job, env: dict, failed: list[Job]) -> None:
-    """One job as a subprocess, its output to its log; a killed earlier attempt is continued rather than restarted."""
-    command = job.command
-    if job.run_dir.exists() and (job.run_dir / "checkpoints").exists():
-        command = command + ["--resume"]
-    log_path = job.log_path
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    """One job through the sweep engine's run function (a killed earlier attempt continues with --resume), its
+    output to its log."""
+    job.log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(job.commits_path, "a") as commits:
         commits.write(git_commit(job.code_paths) + "\n")
     start = time.time()
-    with open(log_path, "w") as log:
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode}, see {log_path})"
-    print(f"[{time.time() - start:6.0f}s] {shlex.join(command[1:])}: {status}", flush=True)
-    if result.returncode != 0:
+    returncode = run_point(job.command, str(job.run_dir), str(job.log_path), env)
+    status = "ok" if returncode == 0 else f"FAILED (exit {returncode}, see {job.log_path})"
+    print(f"[{time.time() - start:6.0f}s] {shlex.join(job.command[1:])}: {status}", flush=True)
+    if returncode != 0:
         failed.append(job)
+
+
+def write_sweep_description(jobs: list[Job], out: Path) -> None:
+    """out/sweep.json in benchmarks.sweep's form (each run's dataset, seed and tags as its values), so that
+    `python -m benchmarks.aggregate --out OUT` tabulates these runs like any sweep's."""
+    options = sorted({key for job in jobs for key in job.tags})
+    points = [{"name": job.run_dir.name, "env": job.args[job.args.index("--env") + 1], "seed": job.seed,
+               "values": {key: str(job.tags.get(key, "")) for key in options}}
+              for job in {job.run_dir: job for job in jobs}.values()]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"script": "several", "options": options, "points": points}, indent=1)
+                                    + "\n")
 
 
 def archive_summaries(jobs: list[Job], archive: Path) -> None:

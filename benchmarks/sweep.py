@@ -99,7 +99,7 @@ def grid(script: str, envs: list[str], seeds: list[int], settings: list[tuple[st
             for seed in seeds for env in envs for combination in combinations]
 
 
-def run_point(command: list[str], run_dir: str, log_path: str) -> int:
+def run_point(command: list[str], run_dir: str, log_path: str, env: dict | None = None) -> int:
     """Run one point (in whatever process the executor gives it): continued with --resume when an earlier attempt
     left a checkpoint. Returns the script's exit code; its output goes to the log."""
     if (Path(run_dir) / "checkpoints").is_dir() and not (Path(run_dir) / "summary.json").is_file():
@@ -108,7 +108,7 @@ def run_point(command: list[str], run_dir: str, log_path: str) -> int:
     with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
-        return subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
 def log_tail(point: Point) -> str:

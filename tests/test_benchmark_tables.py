@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import nav1d_tables, runner
+from benchmarks import aggregate, nav1d_tables, runner
 from benchmarks.runner import run_jobs
 
 
@@ -123,6 +123,18 @@ def test_an_archived_base_run_is_trained_again_when_a_run_still_to_be_made_loads
     assert runner.restore_summaries(base + base + variants[:1], archive) == 2  # none left to load the base; twice listed
     base, variants = nav1d_tables.eda_ratio_jobs(tmp_path / "d", [0])
     assert runner.restore_summaries(base + variants, archive, same_code_only=False) == 2  # tables: every summary
+
+
+def test_the_nav1d_runs_are_a_sweep_that_benchmarks_aggregate_tabulates(tmp_path):
+    base, variants = nav1d_tables.method_jobs(tmp_path, [0, 1])
+    jobs = [job for job in base + variants if job.tags.get("method") == "dpo" or job.script == "eda_d4rl"]
+    for job in jobs:
+        write_summary(job, 1.0, 2.0 + job.seed)
+    runner.write_sweep_description(base + variants, tmp_path)
+    options, rows = aggregate.rows(tmp_path)
+    assert "method" in options and "data" in options
+    dpo_full = [row for row in rows if row["method"] == "dpo" and row["data"] == "full" and row["stage"] == "aligned"]
+    assert len(dpo_full) == 1 and dpo_full[0]["seeds"] == 2 and dpo_full[0]["return_mean"] == 2.5
 
 
 def test_eda_coherency_is_read_from_the_summarys_coherency_block(tmp_path):
