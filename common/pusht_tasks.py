@@ -7,8 +7,8 @@
 - `pusht/dp`: Diffusion Policy's `pusht_cchi_v7_replay.zarr`, looked for in $PUSHT_DATASET_DIR (if set), else
   ~/pusht; a missing one is an error naming the download address.
 - `pusht/scripted`: made on first use in that folder, in the same layout, by a scripted pusher (SCRIPTED_EPISODES
-  episodes): it pushes the block's centre toward the goal from behind and does not turn it, so it reaches partial
-  coverage, rarely success. Data for tests and smoke runs, not a benchmark.
+  episodes): it pushes the T's centre to the goal's from behind, then turns it by pushing an end of its bar, and
+  reaches partial coverage, rarely success: modest data, far below Diffusion Policy's human demonstrations.
 - `lerobot/pusht_keypoints`, or a path to a LeRobot dataset folder (meta/info.json, data/**/*.parquet; LeRobot
   2.x and 3.0 lay the parquet files out differently, both are read): observation.environment_state (the
   T's 8 keypoints), observation.state (the agent's position), action, next.reward, next.success, episode_index and
@@ -44,7 +44,7 @@ DATASET_DIR_VARIABLE = "PUSHT_DATASET_DIR"
 INSTALL = "pip install gym-pusht==0.1.8 zarr==3.1.6 pyarrow==26.0.1 (requirements.txt pins them)"
 SCRIPTED_EPISODES = 100
 SCRIPTED_SEED = 5_2024
-SCRIPTED_NOISE = 8.0  # std of the scripted pusher's target noise, pixels
+SCRIPTED_NOISE = 3.0  # std of the scripted pusher's target noise, pixels
 
 
 class PushTError(UserError):
@@ -264,29 +264,57 @@ def load(name: str, path: Path, lerobot: bool = False):
 # ------------------------------------------------------------------------------------------------------------------
 # Scripted pusher
 # ------------------------------------------------------------------------------------------------------------------
-class ScriptedPusher:
-    """Go around to the point behind the block (seen from the goal), then push through the block's centre toward
-    the goal's position; the block's angle is left as it comes."""
+GOAL_POSE = np.array([256.0, 256.0, np.pi / 4])  # gym-pusht's goal for the T's origin and angle
+T_CENTRE = (0.0, 45.0)  # the T's centre of gravity in its body frame (bar 120 x 30 at y 0-30, stem up to y 120)
 
-    GOAL = np.array([256.0, 256.0])
+
+def to_world(pose: np.ndarray, point) -> np.ndarray:
+    """A point of the T's body frame in world coordinates, for the T at pose (x, y, angle)."""
+    cos, sin = np.cos(pose[2]), np.sin(pose[2])
+    return pose[:2] + np.array([cos * point[0] - sin * point[1], sin * point[0] + cos * point[1]])
+
+
+def to_body(pose: np.ndarray, point: np.ndarray) -> np.ndarray:
+    offset, cos, sin = point - pose[:2], np.cos(pose[2]), np.sin(pose[2])
+    return np.array([cos * offset[0] + sin * offset[1], -sin * offset[0] + cos * offset[1]])
+
+
+class ScriptedPusher:
+    """Push the T's centre toward the goal's from behind (going around the T first when the agent is on the wrong
+    side), then turn it by pushing one end of its bar; a T against a wall, with no room behind it, stays stuck."""
 
     def __init__(self, rng: np.random.Generator):
         self.rng = rng
 
     def __call__(self, state: np.ndarray) -> np.ndarray:
-        agent, block = state[:2], state[2:4]
-        to_goal = self.GOAL - block
+        agent, pose = state[:2], state[2:5]
+        centre, goal_centre = to_world(pose, T_CENTRE), to_world(GOAL_POSE, T_CENTRE)
+        to_goal = goal_centre - centre
         distance = np.linalg.norm(to_goal)
-        direction = to_goal / max(distance, 1e-6)
-        behind = block - 70.0 * direction
-        if np.dot(agent - block, direction) > -30.0:  # not behind the block yet: around it, on the agent's side
-            side = np.array([-direction[1], direction[0]])
-            side *= 1.0 if np.dot(agent - block, side) >= 0 else -1.0
-            target = block + 90.0 * side - 50.0 * direction
-        elif np.linalg.norm(agent - behind) > 20.0:
-            target = behind
+        angle_error = (GOAL_POSE[2] - pose[2] + np.pi) % (2 * np.pi) - np.pi
+        if distance > 15.0:
+            direction = to_goal / distance
+            behind = centre - 85.0 * direction
+            if np.dot(agent - centre, direction) > -60.0:  # not behind the T: around it, on the agent's side
+                side = np.array([-direction[1], direction[0]])
+                side *= 1.0 if np.dot(agent - centre, side) >= 0 else -1.0
+                target = centre + 110.0 * side - 60.0 * direction
+            elif np.linalg.norm(agent - behind) > 20.0:
+                target = behind
+            else:
+                target = centre + min(distance, 30.0) * direction
+        elif abs(angle_error) > 0.1:  # turn: push the bar's end from outside the bar (torque about the centre)
+            end = 50.0 if angle_error > 0 else -50.0
+            approach = to_world(pose, (end, -40.0))
+            if to_body(pose, agent)[1] > -25.0 and np.linalg.norm(agent - approach) > 15.0:
+                around = to_world(pose, (2.4 * end, -60.0))
+                target = approach if np.linalg.norm(agent - around) < 20.0 else around
+            elif np.linalg.norm(agent - approach) > 15.0:
+                target = approach
+            else:
+                target = to_world(pose, (end, 20.0))
         else:
-            target = block + min(distance, 40.0) * direction
+            target = agent
         target = target + self.rng.normal(0.0, SCRIPTED_NOISE, 2)
         return np.clip(target, 0.0, 512.0).astype(np.float32)
 
