@@ -28,8 +28,10 @@ not hold, gets its own state as successor and no reward.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import gymnasium as gym
@@ -116,8 +118,6 @@ LEROBOT_COLUMNS = ("observation.environment_state", "observation.state", "action
 
 def read_lerobot(path: Path) -> dict[str, np.ndarray]:
     """The columns a state policy needs, over every parquet file of the dataset, in episode and frame order."""
-    import json
-
     try:
         import pyarrow.parquet as parquet
     except ImportError:
@@ -335,8 +335,6 @@ def make_scripted_buffer(episodes: int = SCRIPTED_EPISODES) -> Path:
 
 
 def _write_scripted_buffer(path: Path, episodes: int) -> None:
-    import shutil
-
     env = make_env()
     states, actions, ends = [], [], []
     print(f"making pusht/scripted: {episodes} scripted episodes into {path}")
