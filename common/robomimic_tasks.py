@@ -44,7 +44,7 @@ FILE_NAMES = ("low_dim_v15.hdf5", "low_dim_v141.hdf5", "low_dim.hdf5")  # robomi
 ROBOT_KEYS = ("eef_pos", "eef_quat", "gripper_qpos")
 INSTALL = "pip install robosuite==1.5.1 (requirements.txt pins it)"
 DATASET_DIR_VARIABLE = "ROBOMIMIC_DATASET_DIR"
-# Scripted Lift demonstrations: per operator group, (share of the demonstrations, action noise std, speed gain)
+# Scripted demonstrations: per operator group, (share of the demonstrations, action noise std, speed gain)
 SCRIPTED_OPERATORS = {
     "scripted-ph": {"proficient": (1.0, 0.05, 1.0)},
     "scripted-mh": {"better": (1 / 3, 0.05, 1.0), "okay": (1 / 3, 0.2, 0.6), "worse": (1 / 3, 0.35, 0.4)},
