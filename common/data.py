@@ -5,7 +5,7 @@ Name resolution, first match wins:
    MetaWorld: `metaworld/<task>/<expert|medium|replay>-v0`, local Minari datasets made from MetaWorld's scripted
    policies by `metaworld_tasks.make_dataset`.
    Robomimic: `robomimic/<task>/<ph|mh|mg>` (robomimic's low-dim HDF5 files, evaluated on robosuite),
-   `robomimic/lift/scripted-ph|scripted-mh` (made locally in that format), or a path to such a file: see
+   `robomimic/<lift|can>/scripted-ph|scripted-mh` (made locally in that format), or a path to such a file: see
    `robomimic_tasks`. PushT: `pusht/dp` (Diffusion Policy's zarr replay buffer), `pusht/scripted` (made locally in
    that layout), a path to a `.zarr` buffer, `lerobot/pusht_keypoints` or a LeRobot dataset folder: see `pusht_tasks`.
 2. D4RL-style names:
