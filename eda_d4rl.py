@@ -174,11 +174,14 @@ PRESETS: dict[str, dict] = {
 
 COMPUTE_PRESETS: dict[str, dict] = {  # --preset: sizes for a machine, over the dataset's preset (README)
     # a 2-core CPU: a smaller f (hidden 128, 2 blocks), 20k behavior and 100k critic steps, 16 candidates for 5% of
-    # the states, 5k alignment steps of 64 states; first values from the per-step timings of cpu_speed.md, not yet
-    # checked end to end on Hopper (issue 15)
+    # the states, 5k alignment steps of 64 states (local/hopper/medium-replay-v0: 25 min in all, hopper_cpu.md).
+    # beta 1.0 over the paper's table: a 100k-step critic spreads Q by ~8 over one state's candidates, so the targets
+    # are near one-hot and a small beta asks f for differences of ~100 between nearby candidates; its action-gradient
+    # then carries the samples to the action bounds (hopper-mr, seed 0: beta 0.2 -> 40% of actions at the bounds,
+    # denoising error 0.74 -> 3.6; beta 1.0 -> 11%, 0.84; hopper_cpu.md)
     "cpu": {"hidden": 128, "blocks": 2, "behavior_steps": 20_000, "behavior_batch_size": 256, "critic_steps": 100_000,
             "data_ratio": 0.05, "candidate_batch_size": 512, "align_steps": 5_000, "align_batch_size": 64,
-            "eval_episodes": 10, "eval_every": 0, "save_every": 2_000, "log_every": 100},
+            "beta": 1.0, "eval_episodes": 20, "eval_every": 0, "save_every": 2_000, "log_every": 100},
 }
 
 
@@ -495,8 +498,14 @@ def main(args: Args) -> None:
         if sampled:
             trainer.throughput["candidates_states_per_s"] = sampled / max(time.perf_counter() - timer_start, 1e-9)
         check_finite(float(candidates["q_labels"].sum()), "candidates (Q labels)", candidates["done"])
-        print(f"candidates: {num_selected} states x K={args.K}, Q labels mean {candidates['q_labels'].mean():.3f}")
-        trainer.finish("candidates", {"states": num_selected, "K": args.K})
+        # how sharp the targets are: with beta, this sets how far f must move between one state's candidates
+        q_labels = candidates["q_labels"]
+        q_range = float((q_labels.max(1).values - q_labels.min(1).values).mean())
+        best_weight = float(torch.softmax(args.q_scale * q_labels, -1).max(-1).values.mean())
+        print(f"candidates: {num_selected} states x K={args.K}, Q labels mean {q_labels.mean():.3f}, within-state Q "
+              f"range {q_range:.3f}, soft target of the best candidate {best_weight:.2f} (uniform: {1 / args.K:.2f})")
+        trainer.finish("candidates", {"states": num_selected, "K": args.K, "q_range_within_state": q_range,
+                                      "best_candidate_target": best_weight})
     candidates = trainer.state["candidates"]
 
     # ============================================================================================================
