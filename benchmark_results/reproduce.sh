@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 python -m benchmarks.speed --device cpu --threads 1 --json benchmark_results/cpu_speed.json \
     --out benchmark_results/cpu_speed.md
 
-# Nav1D tables and figures (--jobs = runs in parallel, one thread each). The planner grid is the slow one
-# (~4.5 CPU-minutes per run), hence seeds 0-3 there; policies and methods share their DP expectation runs.
-python -m benchmarks.nav1d_tables --tables planners --seeds 0 1 2 3 --jobs 2
-python -m benchmarks.nav1d_tables --tables policies methods eda_ratio --seeds 0 1 2 3 4 --jobs 2
+# Nav1D tables and figures: 245 runs, one thread each, --jobs at a time (~1.6 CPU-hours per seed, measured on a 2-core machine;
+# the planner runs are ~60% of it). Runs that load another run's checkpoint start after it. On a cluster, the same
+# command with `--executor slurm --partition P --time-min 60` submits them as two job arrays, the second held by
+# SLURM until the first has ended; every table cell is read from `python -m benchmarks.aggregate`'s rows.
+python -m benchmarks.nav1d_tables --tables planners policies methods eda_ratio --seeds 0 1 2 3 4 --jobs 2

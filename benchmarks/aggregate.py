@@ -4,7 +4,9 @@
 
 reads DIR/sweep.json (written by benchmarks.sweep) and every finished run's summary.json, and writes DIR/table.md
 (markdown) and DIR/table.csv (one row per dataset, values and stage; the spread is the population std over the seeds
-that finished, and `seeds` says how many that was).
+that finished, and `seeds` says how many that was). Per stage: return, normalised score, success rate and coherency
+where the script reports them, `episode_std` (the spread of the evaluation episodes' returns within a run, averaged
+over seeds) and `wall_time_s` (the whole run's). The Nav1D tables (benchmarks.nav1d_tables) are built from these rows.
 """
 from __future__ import annotations
 
@@ -19,7 +21,11 @@ import numpy as np
 
 from benchmarks.runner import markdown_table, mean_std
 
-METRICS = ("return_mean", "normalized_mean", "success_rate")  # per stage, where the summary has them
+# column -> where a run's summary has it: a stage's key, or (for the whole run) the summary's own key
+STAGE_METRICS = {"return_mean": "return_mean", "normalized_mean": "normalized_mean", "success_rate": "success_rate",
+                 "coherency": "coherency", "episode_std": "return_std"}
+RUN_METRICS = ("wall_time_s",)
+METRICS = (*STAGE_METRICS, *RUN_METRICS)
 
 
 def std_column(metric: str) -> str:
@@ -36,10 +42,16 @@ def rows(out: Path) -> tuple[list[str], list[dict]]:
         if not summary_path.is_file():
             continue
         key = (point["env"],) + tuple(point["values"][option] for option in sweep["options"])
-        for stage, stats in json.loads(summary_path.read_text())["stages"].items():
-            for metric in METRICS:
-                if metric in stats:
-                    groups[key][stage][metric].append(float(stats[metric]))
+        summary = json.loads(summary_path.read_text())
+        for stage, stats in summary["stages"].items():
+            # EDA reports its stages' coherency beside the stages
+            stats = stats | ({"coherency": summary["coherency"][stage]} if stage in summary.get("coherency", {}) else {})
+            for metric, field in STAGE_METRICS.items():
+                if field in stats:
+                    groups[key][stage][metric].append(float(stats[field]))
+            for metric in RUN_METRICS:
+                if metric in summary:
+                    groups[key][stage][metric].append(float(summary[metric]))
     table = []
     for key, stages in groups.items():
         for stage, metrics in stages.items():

@@ -1,6 +1,8 @@
 """Reproduce the Nav1D tables and figures of benchmark_results/ from the scripts' summary.json files.
 
     python -m benchmarks.nav1d_tables --tables planners policies methods --seeds 0 1 2 --jobs 2
+    python -m benchmarks.nav1d_tables --tables planners policies methods --seeds 0 1 2 --executor slurm \
+        --partition cpu --time-min 120
 
 Tables (markdown, written to benchmark_results/):
 - nav1d_planners.md : paper Table 2 on Nav1D (Diffuser ddpm/ddim/sm/fm, DD ddpm x partial/full/expert)
@@ -14,8 +16,11 @@ coherency after every method), eda_data_ratio.png (EDA's return against the Q-la
 
 Runs go to --out (default runs/benchmark, not committed); finished runs are reused, so the command can be
 interrupted and started again. Each run goes through benchmarks.sweep's run function (a stopped run continues with
---resume), and --out gets a sweep.json, so `python -m benchmarks.aggregate --out OUT` writes every run's stages as
-one generic table and CSV next to these tables. Each finished run's summary.json and code version are also merged into
+--resume), on this machine (--jobs at a time, a run that loads another's checkpoint once that one has finished) or,
+with --executor slurm and benchmarks.sweep's SLURM options, as two SLURM job arrays: the runs that load nothing, then
+the runs that load one of them, held by SLURM until the first array has ended. --out gets a sweep.json, so
+`python -m benchmarks.aggregate --out OUT` writes every run's stages as one generic table and CSV next to these
+tables. Each finished run's summary.json and code version are also merged into
 benchmark_results/nav1d_runs.json, which is committed with the tables: a sweep on a fresh checkout continues from it
 when the scripts' code has not changed since, and `--report-only` rebuilds the tables from it. Each table names the
 command and commit that produced it.
@@ -31,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.runner import (REPO_ROOT, Job, archive_summaries, git_commit, markdown_table, mean_std,
-                               restore_summaries, run_jobs, write_sweep_description)
+from benchmarks import aggregate, sweep
+from benchmarks.runner import (REPO_ROOT, Job, archive_summaries, git_commit, markdown_table,
+                               restore_summaries, run_jobs, submit_to_slurm, write_sweep_description)
 
 HERE = REPO_ROOT / "benchmark_results"  # where the tables and figures go
 ARCHIVE = HERE / "nav1d_runs.json"  # every finished run's summary and code version, committed with the tables
@@ -131,42 +137,52 @@ def seed_by_seed(first: list[Job], dependent: list[Job]) -> list[Job]:
 # ---------------------------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------------------------
-def stage_stats(summary: dict, name: str) -> dict:
-    """A stage's evaluation, with its coherency also where the script reports coherency outside the stages (EDA)."""
-    coherency = summary.get("coherency", {})
-    return summary["stages"][name] | ({"coherency": coherency[name]} if name in coherency else {})
+class Cells:
+    """The runs under `out` aggregated by benchmarks.aggregate (mean ± std over seeds per tag values and stage), looked
+    up by the tags that group runs into one table row."""
+
+    def __init__(self, out: Path):
+        self.rows = aggregate.rows(out)[1] if (out / "sweep.json").is_file() else []
+
+    def stages(self, **tags) -> dict[str, dict]:
+        """stage -> aggregated row, in the runs' stage order, for the runs whose tags include `tags`."""
+        wanted = {key: str(value) for key, value in tags.items()}
+        found: dict[str, dict] = {}
+        for row in self.rows:
+            if all(row.get(key) == value for key, value in wanted.items()):
+                if row["stage"] in found:
+                    raise ValueError(f"the tags {tags} match runs of more than one table row")
+                found[row["stage"]] = row
+        return found
 
 
-def first_and_last(summary: dict) -> tuple[dict, dict]:
-    return stage_stats(summary, "foundation" if "foundation" in summary["stages"] else "behavior"), \
-        stage_stats(summary, "aligned")
+def cell(row: dict | None, metric: str, digits: int = 2) -> str:
+    """'mean ± std' over seeds of an aggregated row's metric; '—' where no finished run has it."""
+    if row is None or metric not in row:
+        return "—"
+    return f"{row[metric]:.{digits}f} ± {row[aggregate.std_column(metric)]:.{digits}f}"
 
 
-def finished(jobs: list[Job], **tags) -> list[dict]:
-    """The summary.json of every finished job whose tags include `tags` (each file read once)."""
-    summaries = (job.summary() for job in jobs if all(job.tags.get(key) == value for key, value in tags.items()))
-    return [summary for summary in summaries if summary is not None]
+def first_stage(stages: dict[str, dict]) -> dict:
+    return stages["foundation"] if "foundation" in stages else stages["behavior"]
 
 
-def before_after(summaries: list[dict]) -> tuple[str, str, str, str]:
-    """'before → after' mean over seeds, the episode std before → after (mean of per-seed stds), coherency
-    before → after, n."""
-    if not summaries:
+def before_after(stages: dict[str, dict]) -> tuple[str, str, str, str]:
+    """Return before → after (mean ± std over seeds), the episode std before → after (mean over seeds), coherency
+    before → after, and how many seeds finished."""
+    if "aligned" not in stages:
         return "—", "—", "—", "0"
-    pairs = [first_and_last(summary) for summary in summaries]
-    before = [b["return_mean"] for b, _ in pairs]
-    after = [a["return_mean"] for _, a in pairs]
-    spread = f"{np.mean([b['return_std'] for b, _ in pairs]):.2f} → {np.mean([a['return_std'] for _, a in pairs]):.2f}"
-    coherency = [(b.get("coherency"), a.get("coherency")) for b, a in pairs]
-    coherency_text = "—"
-    if all(c is not None for pair in coherency for c in pair):
-        coherency_text = f"{np.mean([c[0] for c in coherency]):.2f} → {np.mean([c[1] for c in coherency]):.2f}"
-    return f"{mean_std(before)} → {mean_std(after)}", spread, coherency_text, str(len(summaries))
+    before, after = first_stage(stages), stages["aligned"]
+    spread = f"{before['episode_std']:.2f} → {after['episode_std']:.2f}"
+    coherency = "—"
+    if "coherency" in before and "coherency" in after:
+        coherency = f"{before['coherency']:.2f} → {after['coherency']:.2f}"
+    return f"{cell(before, 'return_mean')} → {cell(after, 'return_mean')}", spread, coherency, str(after["seeds"])
 
 
 def header_lines(title: str, command: str, jobs: list[Job], paper_columns: bool = False) -> list[str]:
-    done = [job for job in jobs if job.summary_path.exists()]
-    devices = sorted({summary["device"] for summary in finished(done)}) or ["—"]
+    done = [job for job in jobs if job.finished()]
+    devices = sorted({job.summary()["device"] for job in done}) or ["—"]
     run_commits = sorted({commit for job in done for commit in job.commits()}) or ["—"]
     lines = [f"# {title}", "", f"Command: {command}  ",
              f"Runs made with the code of commit {', '.join(f'`{c}`' for c in run_commits)} (the last change to the "
@@ -180,41 +196,40 @@ def header_lines(title: str, command: str, jobs: list[Job], paper_columns: bool 
     return lines + [""]
 
 
-def planners_table(jobs: list[Job], command: str) -> str:
+def planners_table(jobs: list[Job], cells: Cells, command: str) -> str:
     rows = []
     for planner, sampler in PAPER_PLANNERS:
         for data in DATASETS:
-            summaries = finished(jobs, planner=planner, sampler=sampler, data=data)
-            ours, spread, coherency, n = before_after(summaries)
-            wall = mean_std([s["wall_time_s"] for s in summaries], 0)
-            rows.append([planner_label(planner, sampler), data, ours, spread, coherency, wall, n,
-                         PAPER_PLANNERS[(planner, sampler)][data]])
+            stages = cells.stages(planner=planner, sampler=sampler, data=data)
+            ours, spread, coherency, n = before_after(stages)
+            rows.append([planner_label(planner, sampler), data, ours, spread, coherency,
+                         cell(stages.get("aligned"), "wall_time_s", 0), n, PAPER_PLANNERS[(planner, sampler)][data]])
     header = ["planner", "dataset", "return before → after (ours)", "episode std", "plan coherency", "wall time (s)",
               "seeds", "paper"]
     return "\n".join(header_lines("Nav1D, planning-based DMC (paper Table 2)", command, jobs, paper_columns=True)
                      + [markdown_table(header, rows)]) + "\n"
 
 
-def policies_table(jobs: list[Job], command: str) -> str:
+def policies_table(jobs: list[Job], cells: Cells, command: str) -> str:
     rows = []
     for selection in PAPER_POLICIES:
         for data in DATASETS:
-            ours, spread, coherency, n = before_after(finished(jobs, selection=selection, data=data))
+            ours, spread, coherency, n = before_after(cells.stages(selection=selection, data=data))
             rows.append([f"DP {selection}", data, ours, spread, coherency, n, PAPER_POLICIES[selection][data]])
     header = ["policy", "dataset", "return before → after (ours)", "episode std", "policy coherency", "seeds", "paper"]
     return "\n".join(header_lines("Nav1D, policy-based DMC (paper Table 3)", command, jobs, paper_columns=True)
                      + [markdown_table(header, rows)]) + "\n"
 
 
-def methods_table(jobs: list[Job], command: str) -> str:
+def methods_table(jobs: list[Job], cells: Cells, command: str) -> str:
     rows = []
     for method in ["EDA", *SINGLE_METHODS, "rl,dpo,sft x1", "rl,dpo,sft x2", "rl,dpo,sft x3"]:
         for data in DATASETS:
-            summaries = finished(jobs, method=method, data=data)
-            ours, _, coherency, n = before_after(summaries)
-            normalized = mean_std([first_and_last(s)[1]["normalized_mean"] for s in summaries], 1)
-            wall = mean_std([s["wall_time_s"] for s in summaries], 0)
-            rows.append([method, data, ours, normalized, coherency, wall, n])
+            stages = cells.stages(method=method, data=data)
+            ours, _, coherency, n = before_after(stages)
+            aligned = stages.get("aligned")
+            rows.append([method, data, ours, cell(aligned, "normalized_mean", 1), coherency,
+                         cell(aligned, "wall_time_s", 0), n])
     header = ["method", "dataset", "return before → after", "normalised after", "coherency", "wall time (s)", "seeds"]
     notes = ["All DP rows share one foundation and one critic per dataset and seed (those of the `rl,dpo,sft x1` run,",
              "which the others load); EDA trains its own behavior model and critic (its method needs the scalar-energy",
@@ -223,8 +238,8 @@ def methods_table(jobs: list[Job], command: str) -> str:
              "foundation and critic training (one thread per run).", ""]
     eda_rows = []
     for data in DATASETS:
-        summaries = finished(jobs, method="EDA", data=data)
-        eda_rows.append([data, *eda_stage_cells(summaries), str(len(summaries))])
+        stages = cells.stages(method="EDA", data=data)
+        eda_rows.append([data, *eda_stage_cells(stages), before_after(stages)[3]])
     eda_notes = ["", "EDA's own evaluations: best of 4 sampled actions by Q (the rows above), and one sample per action,",
                  "which shows what the alignment changed in the policy itself.", ""]
     return "\n".join(header_lines("Nav1D: EDA against each alignment method alone", command, jobs) + notes
@@ -236,18 +251,17 @@ EDA_STAGES = ("behavior", "aligned", "behavior_1cand", "aligned_1cand")
 EDA_STAGE_HEADER = ["behavior (best of 4)", "aligned (best of 4)", "behavior (1 sample)", "aligned (1 sample)"]
 
 
-def eda_stage_cells(summaries: list[dict]) -> list[str]:
+def eda_stage_cells(stages: dict[str, dict]) -> list[str]:
     """EDA's four evaluations (best of 4 by Q and one sample, behavior and aligned), mean ± std over seeds; a run
     with --num-candidates 1 has no separate one-sample stages."""
-    return [mean_std([s["stages"][stage]["return_mean"] for s in summaries if stage in s["stages"]])
-            for stage in EDA_STAGES]
+    return [cell(stages.get(stage), "return_mean") for stage in EDA_STAGES]
 
 
-def eda_ratio_table(jobs: list[Job], command: str) -> str:
+def eda_ratio_table(jobs: list[Job], cells: Cells, command: str) -> str:
     rows = []
     for ratio in DATA_RATIOS:
-        summaries = finished(jobs, ratio=ratio)
-        rows.append([f"{ratio:g}", *eda_stage_cells(summaries), str(len(summaries))])
+        stages = cells.stages(ratio=ratio)
+        rows.append([f"{ratio:g}", *eda_stage_cells(stages), before_after(stages)[3]])
     header = ["Q-labelled fraction", *EDA_STAGE_HEADER, "seeds"]
     notes = ["Every ratio below 1 loads the behavior model and critic of the ratio-1 run of its seed, so the rows",
              "differ only in how many dataset states received K Q-labelled candidates for the alignment.", ""]
@@ -258,10 +272,12 @@ def eda_ratio_table(jobs: list[Job], command: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------------------------
-def stage_curve(summaries: list[dict], key: str) -> tuple[list[str], np.ndarray]:
-    """Stages in run order and a (seeds, stages) array of `key`."""
-    names = [name for name in summaries[0]["stages"] if name != "aligned"]
-    return names, np.array([[s["stages"][name][key] for name in names] for s in summaries])
+def stage_curve(stages: dict[str, dict], key: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Stages in run order ('aligned' repeats the last one, so it is left out), and the mean and std over seeds of
+    `key` at each."""
+    names = [name for name in stages if name != "aligned"]
+    return (names, np.array([stages[name][key] for name in names]),
+            np.array([stages[name][aggregate.std_column(key)] for name in names]))
 
 
 def pyplot():
@@ -279,26 +295,24 @@ def draw_optimum(axis) -> None:
     axis.axhline(nav1d.optimal_return(), color="grey", linestyle=":", linewidth=1, label="exact optimum")
 
 
-def draw_mean_band(axis, values: np.ndarray, alpha: float, **line_style) -> np.ndarray:
-    """Mean over seeds (rows of `values`) as a line with a ±1 std band; returns the mean."""
-    mean, std = values.mean(0), values.std(0)
+def draw_mean_band(axis, mean: np.ndarray, std: np.ndarray, alpha: float, **line_style) -> None:
+    """The mean over seeds as a line with a ±1 std band."""
     line, = axis.plot(range(len(mean)), mean, marker="o", **line_style)
     axis.fill_between(range(len(mean)), mean - std, mean + std, alpha=alpha, color=line.get_color())
-    return mean
 
 
-def plot_planner_curves(jobs: list[Job]) -> None:
+def plot_planner_curves(cells: Cells) -> None:
     """Return and plan coherency after every method of the planners' sequence (paper Figure 6 for Diffuser and DD)."""
     plt = pyplot()
     figure, axes = plt.subplots(2, len(DATASETS), figsize=(4 * len(DATASETS), 6), sharey="row")
     for column, data in enumerate(DATASETS):
         for planner, sampler in PAPER_PLANNERS:
-            summaries = finished(jobs, planner=planner, sampler=sampler, data=data)
-            if not summaries:
+            stages = cells.stages(planner=planner, sampler=sampler, data=data)
+            if not stages:
                 continue
             label = planner_label(planner, sampler)
             for row, key in enumerate(("return_mean", "coherency")):
-                draw_mean_band(axes[row, column], stage_curve(summaries, key)[1], alpha=0.15, label=label)
+                draw_mean_band(axes[row, column], *stage_curve(stages, key)[1:], alpha=0.15, label=label)
         draw_optimum(axes[0, column])
         axes[0, column].set_title(f"nav1d-{data}")
         for row, ylabel in enumerate(("return", "plan coherency")):
@@ -311,23 +325,23 @@ def plot_planner_curves(jobs: list[Job]) -> None:
     plt.close(figure)
 
 
-def plot_figures(method_jobs_: list[Job], ratio_jobs: list[Job]) -> None:
+def plot_figures(cells: Cells) -> None:
     from common import nav1d
 
     plt = pyplot()
 
     nav1d.plot_task(HERE / "nav1d_task.png")
-    sequence_runs = {data: finished(method_jobs_, method="rl,dpo,sft x3", data=data) for data in DATASETS}
+    sequences = {data: cells.stages(method="rl,dpo,sft x3", data=data) for data in DATASETS}
     for filename, key, ylabel in (("nav1d_learning_curves.png", "return_mean", "return"),
                                   ("nav1d_coherency_passes.png", "coherency", "policy coherency")):
-        if not any(sequence_runs.values()):
+        if not any(sequences.values()):
             break
         figure, axes = plt.subplots(1, len(DATASETS), figsize=(4 * len(DATASETS), 3.2), sharey=True)
         for axis, data in zip(axes, DATASETS):
-            if not sequence_runs[data]:
+            if not sequences[data]:
                 continue
-            names, values = stage_curve(sequence_runs[data], key)
-            mean = draw_mean_band(axis, values, alpha=0.25, label="after each method (±1 std over seeds)")
+            names, mean, std = stage_curve(sequences[data], key)
+            draw_mean_band(axis, mean, std, alpha=0.25, label="after each method (±1 std over seeds)")
             axis.axhline(mean[0], color="black", linestyle="--", linewidth=1, label="foundation")
             if key == "return_mean":
                 draw_optimum(axis)
@@ -338,13 +352,14 @@ def plot_figures(method_jobs_: list[Job], ratio_jobs: list[Job]) -> None:
         figure.tight_layout()
         figure.savefig(HERE / filename, dpi=120)
         plt.close(figure)
-    by_ratio = {ratio: finished(ratio_jobs, ratio=ratio) for ratio in DATA_RATIOS}
-    ratios = [ratio for ratio, summaries in by_ratio.items() if summaries]
+    by_ratio = {ratio: cells.stages(ratio=ratio) for ratio in DATA_RATIOS}
+    ratios = [ratio for ratio, stages in by_ratio.items() if stages]
     if ratios:
         figure, axis = plt.subplots(figsize=(4.5, 3.2))
         for stage, label in (("aligned", "EDA aligned"), ("behavior", "behavior model")):
-            values = [[s["stages"][stage]["return_mean"] for s in by_ratio[ratio]] for ratio in ratios]
-            axis.errorbar(ratios, [np.mean(v) for v in values], [np.std(v) for v in values], marker="o", label=label)
+            rows = [by_ratio[ratio][stage] for ratio in ratios]
+            axis.errorbar(ratios, [row["return_mean"] for row in rows], [row["return_std"] for row in rows],
+                          marker="o", label=label)
         draw_optimum(axis)
         axis.set_xscale("log")
         axis.set_xlabel("fraction of states with Q-labelled candidates")
@@ -363,6 +378,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs in parallel (one thread each)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))
     parser.add_argument("--report-only", action="store_true", help="only rebuild tables/figures from finished runs")
+    sweep.add_slurm_arguments(parser)
     options = parser.parse_args()
     out = options.out.resolve()
     arguments = shlex.join(a for a in sys.argv[1:] if a != "--report-only")
@@ -379,25 +395,39 @@ def main() -> None:
     if restored:
         print(f"{restored} runs restored from {ARCHIVE.relative_to(REPO_ROOT)} (made with this checkout's code)")
     if not options.report_only:
-        failed = run_jobs(seed_by_seed(planners + policies + base + ratio_base, variants + ratio_variants), options.jobs,
-                          after_each=lambda job: archive_summaries([job], ARCHIVE))
+        ordered = seed_by_seed(planners + policies + base + ratio_base, variants + ratio_variants)
+        if options.executor == "slurm":
+            try:
+                job_ids = submit_to_slurm(ordered, out / "submitit", options)
+            except ValueError as error:
+                sys.exit(f"error: {error}")
+            if job_ids and options.no_wait:
+                print("re-launch the same command once the arrays have ended: it archives the runs and writes the tables")
+                return
+            if job_ids:
+                sweep.wait_for_slurm(job_ids, options.poll_s)
+            archive_summaries(ordered, ARCHIVE)
+            failed = [job for job in ordered if not job.finished()]
+        else:
+            failed = run_jobs(ordered, options.jobs, after_each=lambda job: archive_summaries([job], ARCHIVE))
         if failed:
+            sweep.report(ordered)
             print(f"{len(failed)} runs failed or were skipped because their base run failed; their rows are incomplete",
                   file=sys.stderr)
     ratios = ratio_base + ratio_variants
-    if options.report_only and not finished(planners + policies + base + variants + ratios):
+    cells = Cells(out)
+    if options.report_only and not cells.rows:
         sys.exit("no finished runs under --out to report on")
     if planners:
-        (HERE / "nav1d_planners.md").write_text(planners_table(planners, command))
-        plot_planner_curves(planners)
+        (HERE / "nav1d_planners.md").write_text(planners_table(planners, cells, command))
+        plot_planner_curves(cells)
     if policies:
-        (HERE / "nav1d_policies.md").write_text(policies_table(policies, command))
+        (HERE / "nav1d_policies.md").write_text(policies_table(policies, cells, command))
     if base:
-        (HERE / "nav1d_methods.md").write_text(methods_table(base + variants, command))
+        (HERE / "nav1d_methods.md").write_text(methods_table(base + variants, cells, command))
     if ratios:
-        (HERE / "nav1d_eda_data_ratio.md").write_text(eda_ratio_table(ratios, command))
-    plot_figures(base + variants, ratios)
-
+        (HERE / "nav1d_eda_data_ratio.md").write_text(eda_ratio_table(ratios, cells, command))
+    plot_figures(cells)
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,8 @@ Used by the benchmark definitions in this folder (`nav1d_tables.py`). Each job i
 directory; a job whose summary.json already exists is skipped, so an interrupted benchmark continues where it
 stopped. Jobs run `--jobs` at a time in list order, each pinned to one thread so that N jobs use N cores; a job that
 loads another run's checkpoint starts once that run has finished, so a sweep ordered seed by seed loses at most the
-seeds in flight when it is stopped.
+seeds in flight when it is stopped. On a cluster the same jobs go to SLURM as two job arrays, the second held until
+the first has ended (`submit_to_slurm`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from benchmarks.sweep import run_point
+from benchmarks.sweep import run_point, submit_slurm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +47,15 @@ class Job:
         return [sys.executable, f"{self.script}.py", *self.args, "--seed", str(self.seed), "--run-dir", str(self.run_dir)]
 
     @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    @property
     def summary_path(self) -> Path:
         return self.run_dir / "summary.json"
+
+    def finished(self) -> bool:
+        return self.summary_path.exists()
 
     def summary(self) -> dict | None:
         return json.loads(self.summary_path.read_text()) if self.summary_path.exists() else None
@@ -116,15 +124,46 @@ def run_jobs(jobs: list[Job], parallel: int, after_each: Callable[[Job], None] |
 def run_command(job: Job, env: dict, failed: list[Job]) -> None:
     """One job through the sweep engine's run function (a killed earlier attempt continues with --resume), its
     output to its log."""
-    job.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(job.commits_path, "a") as commits:
-        commits.write(git_commit(job.code_paths) + "\n")
+    record_launch(job)
     start = time.time()
     returncode = run_point(job.command, str(job.run_dir), str(job.log_path), env)
     status = "ok" if returncode == 0 else f"FAILED (exit {returncode}, see {job.log_path})"
     print(f"[{time.time() - start:6.0f}s] {shlex.join(job.command[1:])}: {status}", flush=True)
     if returncode != 0:
         failed.append(job)
+
+
+def record_launch(job: Job) -> None:
+    job.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(job.commits_path, "a") as commits:
+        commits.write(git_commit(job.code_paths) + "\n")
+
+
+def submit_to_slurm(jobs: list[Job], folder: Path, options) -> list[str]:
+    """The jobs without a summary as at most two SLURM job arrays (benchmarks.sweep's submission, `options` its SLURM
+    options): the runs that load no unfinished run, then the runs that load one of those, which SLURM holds until the
+    first array has left the queue (a job array has no order of its own). Each run gets `options.cpus_per_task`
+    threads. Returns the job ids of both arrays' tasks."""
+    pending = list({job.run_dir: job for job in jobs if not job.finished()}.values())
+    first = [job for job in pending if job.needs is None or (job.needs / "summary.json").exists()]
+    second = [job for job in pending if job not in first]
+    unsubmitted = {job.needs.name for job in second} - {job.name for job in first}
+    if unsubmitted:
+        raise ValueError(f"runs load {', '.join(sorted(unsubmitted))}, which neither finished nor is submitted "
+                         "first (runs that load a run that loads another need more than two arrays)")
+    os.environ.update(OMP_NUM_THREADS=str(options.cpus_per_task), MKL_NUM_THREADS=str(options.cpus_per_task))
+    for job in pending:
+        record_launch(job)
+    job_ids = submit_slurm(first, folder, options) if first else []
+    if first:
+        print(f"submitted SLURM job array {job_ids[0].split('_')[0]} ({len(first)} runs that load no other run)")
+    if second:
+        after = [job_ids[0].split("_")[0]] if first else []
+        second_ids = submit_slurm(second, folder, options, after=after)
+        print(f"submitted SLURM job array {second_ids[0].split('_')[0]} ({len(second)} runs that load a checkpoint"
+              + (f", held until array {after[0]} has ended)" if after else ")"))
+        job_ids += second_ids
+    return job_ids
 
 
 def write_sweep_description(jobs: list[Job], out: Path) -> None:

@@ -151,8 +151,10 @@ def sbatch_options(text: str) -> dict[str, str]:
     return options
 
 
-def submit_slurm(points: list[Point], folder: Path, options: argparse.Namespace) -> list[str]:
-    """One SLURM job array, one task per point; returns the array's job ids."""
+def submit_slurm(points: list, folder: Path, options: argparse.Namespace, after: list[str] = ()) -> list[str]:
+    """One SLURM job array, one task per point (anything with a command, run_dir and log_path); with `after`, the
+    array starts only once those jobs have left the queue, however they ended (sbatch --dependency=afterany), so a
+    run that loads another run's checkpoint can be submitted with it. Returns the array's job ids."""
     import submitit
 
     executor = submitit.SlurmExecutor(folder=str(folder))
@@ -162,6 +164,8 @@ def submit_slurm(points: list[Point], folder: Path, options: argparse.Namespace)
         parameters["partition"] = options.partition
     if options.gpus_per_task:
         parameters["gpus_per_task"] = options.gpus_per_task
+    if after:
+        parameters["additional_parameters"]["dependency"] = "afterany:" + ":".join(after)
     executor.update_parameters(**parameters)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     jobs = executor.map_array(run_point, [point.command for point in points], [str(point.run_dir) for point in points],
@@ -199,8 +203,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=V1,V2",
                         help="a script option and its values; repeat for a grid over several options")
     parser.add_argument("--out", type=Path, required=True, help="the sweep's folder: one run directory per point")
-    parser.add_argument("--executor", choices=("local", "slurm"), default="local")
     parser.add_argument("--workers", type=int, default=1, help="local: runs at a time")
+    add_slurm_arguments(parser)
+    return parser.parse_args(argv), extra
+
+
+def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
+    """--executor and the SLURM options, shared with the benchmark tables that submit their runs the same way."""
+    parser.add_argument("--executor", choices=("local", "slurm"), default="local")
     parser.add_argument("--partition", default="", help="slurm: partition (sbatch --partition)")
     parser.add_argument("--time-min", type=int, default=60, help="slurm: time limit per run in minutes (--time)")
     parser.add_argument("--cpus-per-task", type=int, default=1, help="slurm: --cpus-per-task")
@@ -210,7 +220,6 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--sbatch", default="", help="slurm: more sbatch options, e.g. '--qos=high --account=lab'")
     parser.add_argument("--no-wait", action="store_true", help="slurm: submit and return; re-launch later to report")
     parser.add_argument("--poll-s", type=float, default=10.0, help="slurm: seconds between queue checks")
-    return parser.parse_args(argv), extra
 
 
 def main(argv: list[str] | None = None) -> int:

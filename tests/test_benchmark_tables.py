@@ -1,4 +1,5 @@
-"""The benchmark runner's bookkeeping: which runs the tables share, and how a table turns summaries into numbers."""
+"""The benchmark runner's bookkeeping: which runs the tables share, and how a table turns summaries (aggregated by
+benchmarks.aggregate) into numbers."""
 
 import json
 import subprocess
@@ -41,7 +42,8 @@ def test_table_cells_are_mean_and_std_over_seeds(tmp_path):
     qvpg_full = [j for j in variants if j.tags == {"method": "qvpg", "data": "full"}]
     for job, (before, after) in zip(qvpg_full, [(1.0, 5.0), (2.0, 6.0)]):
         write_summary(job, before, after)
-    table = nav1d_tables.methods_table(base + variants, "cmd")
+    runner.write_sweep_description(base + variants, tmp_path)
+    table = nav1d_tables.methods_table(base + variants, nav1d_tables.Cells(tmp_path), "cmd")
     row = next(line for line in table.splitlines() if line.startswith("| qvpg | full |"))
     assert row == "| qvpg | full | 1.50 ± 0.50 → 5.50 ± 0.50 | 55.0 ± 5.0 | 1.00 → 1.00 | 100 ± 0 | 2 |"
     empty = next(line for line in table.splitlines() if line.startswith("| dpo | full |"))
@@ -143,7 +145,8 @@ def test_eda_coherency_is_read_from_the_summarys_coherency_block(tmp_path):
     stage = {"return_mean": 7.0, "return_std": 0.1, "normalized_mean": 95.0}
     job.summary_path.write_text(json.dumps({"stages": {"behavior": stage, "aligned": stage}, "wall_time_s": 1.0,
                                             "device": "cpu", "coherency": {"behavior": 0.8, "aligned": 0.7}}))
-    table = nav1d_tables.methods_table([job], "cmd")
+    runner.write_sweep_description([job], tmp_path)
+    table = nav1d_tables.methods_table([job], nav1d_tables.Cells(tmp_path), "cmd")
     assert "| EDA | expert | 7.00 ± 0.00 → 7.00 ± 0.00 | 95.0 ± 0.0 | 0.80 → 0.70 |" in table
 
 

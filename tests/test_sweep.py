@@ -1,6 +1,7 @@
 """Sweeps: the grid and its run names, the local executor, re-launches (skip, resume, report), the aggregated table,
 and the same sweep as a job array on a real one-node SLURM cluster started by the test (killed mid-run with scancel
 and resumed by a re-launch)."""
+import argparse
 import csv
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import sweep
+from benchmarks.runner import Job, run_jobs, submit_to_slurm
 from conftest import REPO_ROOT
 
 TINY = ["--foundation-steps", "20", "--critic-steps", "20", "--align", "dpo", "--dpo-steps", "2", "--eval-episodes", "4",
@@ -179,7 +181,8 @@ def test_a_slurm_job_array_gives_the_local_sweeps_numbers(slurm_cluster, local_s
                     "--time-min", "10", "--poll-s", "1", "--", *TINY)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "submitted SLURM job array" in result.stdout and "(4 tasks)" in result.stdout
-    assert aggregate(tmp_path / "slurm") == aggregate(local_sweep)
+    numbers = lambda rows: [{key: value for key, value in row.items() if not key.startswith("wall_time")} for row in rows]
+    assert numbers(aggregate(tmp_path / "slurm")) == numbers(aggregate(local_sweep))  # the same but for the time taken
 
 
 def test_a_job_cancelled_mid_run_is_resumed_by_a_relaunch(slurm_cluster, tmp_path):
@@ -204,3 +207,30 @@ def test_a_job_cancelled_mid_run_is_resumed_by_a_relaunch(slurm_cluster, tmp_pat
     assert reference.returncode == 0
     name = "nav1d-full_dpo-beta10_s4"
     assert stages(tmp_path / "sweep" / name) == stages(tmp_path / "reference" / name)
+
+
+def staged_jobs(out: Path) -> list[Job]:
+    """A base run and a run that loads its foundation and critic, as the Nav1D methods table pairs them."""
+    base = Job("dp_align", ["--env", "nav1d-full", *TINY], 0, out / "base_s0")
+    checkpoint = str(base.run_dir / "checkpoints" / "latest.pt")
+    variant = Job("dp_align", ["--env", "nav1d-full", "--load-foundation", checkpoint, "--load-critic", checkpoint,
+                               *TINY, "--dpo-beta", "1"], 0, out / "variant_s0", needs=base.run_dir)
+    return [base, variant]
+
+
+def test_runs_that_load_a_checkpoint_go_to_slurm_as_a_second_array_held_until_the_first_ends(slurm_cluster, tmp_path):
+    parser = argparse.ArgumentParser()
+    sweep.add_slurm_arguments(parser)
+    options = parser.parse_args(["--executor", "slurm", "--partition", "test", "--time-min", "10", "--poll-s", "1"])
+    jobs = staged_jobs(tmp_path / "slurm")
+    job_ids = submit_to_slurm(jobs, tmp_path / "slurm" / "submitit", options)
+    first, second = sorted({job_id.split("_")[0] for job_id in job_ids}, key=int)
+    held = subprocess.run(["squeue", "-h", "-j", second, "-o", "%E"], capture_output=True, text=True).stdout
+    assert f"afterany:{first}" in held  # the variant waits on the base's array, not on its own turn in an array
+    sweep.wait_for_slurm(job_ids, poll_s=1)
+    assert all(job.finished() for job in jobs), [job.log_path.read_text()[-500:] for job in jobs if job.log_path.exists()]
+    local = staged_jobs(tmp_path / "local")
+    assert run_jobs(local, parallel=2) == []
+    for on_slurm, here in zip(jobs, local):
+        assert on_slurm.summary()["stages"] == here.summary()["stages"]
+    assert submit_to_slurm(jobs, tmp_path / "slurm" / "submitit", options) == []  # nothing left to submit
