@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from benchmarks.sweep import run_point, submit_slurm
+from benchmarks.sweep import LocalRunner, submit_slurm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,10 +86,14 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], parallel: int, after_each: Callable[[Job], None] | None = None) -> list[Job]:
-    """Run the jobs that have no summary yet, in list order, calling `after_each` (one call at a time) after each
-    run that finished; returns the ones that failed, or were skipped because the run they need failed."""
+    """Run the jobs that have no summary yet, in list order, through the sweeps' local executor (submitit), calling
+    `after_each` (one call at a time) after each run that finished; returns the ones that failed, or were skipped
+    because the run they need failed."""
     pending = [job for job in jobs if not job.summary_path.exists()]
     print(f"{len(jobs) - len(pending)} of {len(jobs)} runs already done; running {len(pending)} with {parallel} in parallel")
+    if not pending:
+        return []
+    local = LocalRunner(pending[0].run_dir.parent / "submitit")
     ended = {job.run_dir: threading.Event() for job in pending}
     listed = set()
     for job in pending:  # a worker waits only for a run that is running or done, never for one queued behind it
@@ -109,7 +113,7 @@ def run_jobs(jobs: list[Job], parallel: int, after_each: Callable[[Job], None] |
                     print(f"skipped {job.run_dir.name}: {job.needs.name}, the run it loads, did not finish", flush=True)
                     failed.append(job)
                     return
-            run_command(job, env, failed)
+            run_command(local, job, env, failed)
             if after_each is not None and job.summary_path.exists():
                 with one_at_a_time:
                     after_each(job)
@@ -121,12 +125,12 @@ def run_jobs(jobs: list[Job], parallel: int, after_each: Callable[[Job], None] |
     return failed
 
 
-def run_command(job: Job, env: dict, failed: list[Job]) -> None:
+def run_command(local: LocalRunner, job: Job, env: dict, failed: list[Job]) -> None:
     """One job through the sweep engine's run function (a killed earlier attempt continues with --resume), its
     output to its log."""
     record_launch(job)
     start = time.time()
-    returncode = run_point(job.command, str(job.run_dir), str(job.log_path), env)
+    returncode = local.run(job.command, job.run_dir, job.log_path, env)
     status = "ok" if returncode == 0 else f"FAILED (exit {returncode}, see {job.log_path})"
     print(f"[{time.time() - start:6.0f}s] {shlex.join(job.command[1:])}: {status}", flush=True)
     if returncode != 0:

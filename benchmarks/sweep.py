@@ -118,20 +118,40 @@ def log_tail(point: Point) -> str:
     return "\n".join("    " + line for line in lines[-LOG_TAIL_LINES:])
 
 
+# submitit's local executor kills a job after 2 minutes unless told otherwise; a local run has no time limit
+LOCAL_TIME_LIMIT_MIN = 60 * 24 * 365
+
+
+class LocalRunner:
+    """submitit's local executor, one process per run, shared by the threads that keep `workers` runs going."""
+
+    def __init__(self, folder: Path):
+        import submitit
+
+        self.executor = submitit.LocalExecutor(folder=str(folder))
+        self.executor.update_parameters(timeout_min=LOCAL_TIME_LIMIT_MIN)
+        self.submitting = threading.Lock()
+
+    def run(self, command: list[str], run_dir: Path, log_path: Path, env: dict | None = None) -> int:
+        """One run through `run_point`, waited for; its exit code (1 when the executor lost it, said in its log), so
+        that one lost run does not stop the others."""
+        from submitit.core.utils import UncompletedJobError
+
+        with self.submitting:
+            job = self.executor.submit(run_point, command, str(run_dir), str(log_path), env)
+        try:
+            return job.result()
+        except UncompletedJobError as error:
+            with open(log_path, "a") as log:
+                log.write(f"\nthe local executor lost this run: {str(error).splitlines()[0]}\n")
+            return 1
+
+
 def run_local(points: list[Point], folder: Path, workers: int) -> None:
-    """The points through submitit's local executor (one process each), `workers` at a time."""
-    import submitit
-
-    executor = submitit.LocalExecutor(folder=str(folder))
-    submitting = threading.Lock()
-
-    def one(point: Point) -> None:
-        with submitting:
-            job = executor.submit(run_point, point.command, str(point.run_dir), str(point.log_path))
-        job.wait()
-
+    """The points on this machine, `workers` at a time."""
+    runner = LocalRunner(folder)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(one, points))
+        list(pool.map(lambda point: runner.run(point.command, point.run_dir, point.log_path), points))
 
 
 def sbatch_options(text: str) -> dict[str, str]:

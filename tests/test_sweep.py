@@ -87,6 +87,18 @@ def test_the_table_has_mean_and_std_over_seeds_per_value_and_stage(local_sweep):
     assert "| nav1d-full | 10 | aligned | 2 |" in (local_sweep / "table.md").read_text()
 
 
+def test_local_runs_have_no_time_limit_as_submitits_default_limit_would_stop_them(tmp_path, monkeypatch):
+    """submitit's local executor stops a job after 2 minutes unless told otherwise (warned 30 s before): with that
+    default, every sweep run longer than 90 s died. A limit does stop a run, so ours must be long."""
+    assert sweep.LocalRunner(tmp_path).executor.parameters["timeout_min"] >= 60 * 24 * 30
+    monkeypatch.setattr(sweep, "LOCAL_TIME_LIMIT_MIN", 0.55)  # the warning comes after 3 s
+    marker = tmp_path / "finished"
+    command = [sys.executable, "-c", f"import time; time.sleep(15); open({str(marker)!r}, 'w')"]
+    log = tmp_path / "logs" / "sleeper.log"
+    assert sweep.LocalRunner(tmp_path / "limited").run(command, tmp_path / "sleeper", log) != 0
+    assert not marker.exists() and "the local executor lost this run" in log.read_text()
+
+
 def test_a_killed_point_is_resumed_to_the_numbers_of_an_uninterrupted_run_and_a_failed_one_is_reported(tmp_path):
     point = ["dp_align.py", "--env", "nav1d-full", "--seed", "3", "--set", "dpo-beta=10"]
     crashed = subprocess.run([sys.executable, "-m", "benchmarks.sweep", *point, "--out", str(tmp_path / "sweep"), "--",
