@@ -64,6 +64,49 @@ def rows(out: Path) -> tuple[list[str], list[dict]]:
     return sweep["options"], table
 
 
+class Cells:
+    """A sweep's rows (mean ± std over seeds per values and stage), looked up by the values that group runs into one
+    row of a benchmark's table (benchmarks.nav1d_tables, benchmarks.hopper_tables)."""
+
+    def __init__(self, out: Path):
+        self.rows = rows(out)[1] if (out / "sweep.json").is_file() else []
+
+    def stages(self, **tags) -> dict[str, dict]:
+        """stage -> aggregated row, in the runs' stage order, for the runs whose tags include `tags`."""
+        wanted = {key: str(value) for key, value in tags.items()}
+        found: dict[str, dict] = {}
+        for row in self.rows:
+            if all(row.get(key) == value for key, value in wanted.items()):
+                if row["stage"] in found:
+                    raise ValueError(f"the tags {tags} match runs of more than one table row")
+                found[row["stage"]] = row
+        return found
+
+
+def cell(row: dict | None, metric: str, digits: int = 2) -> str:
+    """'mean ± std' over seeds of an aggregated row's metric; '—' where no finished run has it."""
+    if row is None or metric not in row:
+        return "—"
+    return f"{row[metric]:.{digits}f} ± {row[std_column(metric)]:.{digits}f}"
+
+
+def first_stage(stages: dict[str, dict]) -> dict:
+    return stages["foundation"] if "foundation" in stages else stages["behavior"]
+
+
+def before_after(stages: dict[str, dict]) -> tuple[str, str, str, str]:
+    """Return before → after (mean ± std over seeds), the episode std before → after (mean over seeds), coherency
+    before → after, and how many seeds finished."""
+    if "aligned" not in stages:
+        return "—", "—", "—", "0"
+    before, after = first_stage(stages), stages["aligned"]
+    spread = f"{before['episode_std']:.2f} → {after['episode_std']:.2f}"
+    coherency = "—"
+    if "coherency" in before and "coherency" in after:
+        coherency = f"{before['coherency']:.2f} → {after['coherency']:.2f}"
+    return f"{cell(before, 'return_mean')} → {cell(after, 'return_mean')}", spread, coherency, str(after["seeds"])
+
+
 def write(out: Path) -> tuple[Path, Path]:
     options, table = rows(out)
     if not table:

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import aggregate, sweep
+from benchmarks import sweep
+from benchmarks.aggregate import Cells, before_after, cell, std_column
 from benchmarks.runner import (REPO_ROOT, Job, archive_summaries, git_commit, markdown_table,
                                restore_summaries, run_jobs, submit_to_slurm, write_sweep_description)
 
@@ -85,7 +86,8 @@ def policy_job(out: Path, selection: str, data: str, seed: int) -> Job:
 
 
 def policy_jobs(out: Path, seeds) -> list[Job]:
-    return [policy_job(out, selection, data, seed) for selection in PAPER_POLICIES for data in DATASETS for seed in seeds]
+    return [policy_job(out, selection, data, seed)
+            for selection in PAPER_POLICIES for data in DATASETS for seed in seeds]
 
 
 def eda_job(out: Path, data: str, seed: int) -> Job:
@@ -137,49 +139,6 @@ def seed_by_seed(first: list[Job], dependent: list[Job]) -> list[Job]:
 # ---------------------------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------------------------
-class Cells:
-    """The runs under `out` aggregated by benchmarks.aggregate (mean ± std over seeds per tag values and stage), looked
-    up by the tags that group runs into one table row."""
-
-    def __init__(self, out: Path):
-        self.rows = aggregate.rows(out)[1] if (out / "sweep.json").is_file() else []
-
-    def stages(self, **tags) -> dict[str, dict]:
-        """stage -> aggregated row, in the runs' stage order, for the runs whose tags include `tags`."""
-        wanted = {key: str(value) for key, value in tags.items()}
-        found: dict[str, dict] = {}
-        for row in self.rows:
-            if all(row.get(key) == value for key, value in wanted.items()):
-                if row["stage"] in found:
-                    raise ValueError(f"the tags {tags} match runs of more than one table row")
-                found[row["stage"]] = row
-        return found
-
-
-def cell(row: dict | None, metric: str, digits: int = 2) -> str:
-    """'mean ± std' over seeds of an aggregated row's metric; '—' where no finished run has it."""
-    if row is None or metric not in row:
-        return "—"
-    return f"{row[metric]:.{digits}f} ± {row[aggregate.std_column(metric)]:.{digits}f}"
-
-
-def first_stage(stages: dict[str, dict]) -> dict:
-    return stages["foundation"] if "foundation" in stages else stages["behavior"]
-
-
-def before_after(stages: dict[str, dict]) -> tuple[str, str, str, str]:
-    """Return before → after (mean ± std over seeds), the episode std before → after (mean over seeds), coherency
-    before → after, and how many seeds finished."""
-    if "aligned" not in stages:
-        return "—", "—", "—", "0"
-    before, after = first_stage(stages), stages["aligned"]
-    spread = f"{before['episode_std']:.2f} → {after['episode_std']:.2f}"
-    coherency = "—"
-    if "coherency" in before and "coherency" in after:
-        coherency = f"{before['coherency']:.2f} → {after['coherency']:.2f}"
-    return f"{cell(before, 'return_mean')} → {cell(after, 'return_mean')}", spread, coherency, str(after["seeds"])
-
-
 def header_lines(title: str, command: str, jobs: list[Job], paper_columns: bool = False) -> list[str]:
     done = [job for job in jobs if job.finished()]
     devices = sorted({job.summary()["device"] for job in done}) or ["—"]
@@ -277,7 +236,7 @@ def stage_curve(stages: dict[str, dict], key: str) -> tuple[list[str], np.ndarra
     `key` at each."""
     names = [name for name in stages if name != "aligned"]
     return (names, np.array([stages[name][key] for name in names]),
-            np.array([stages[name][aggregate.std_column(key)] for name in names]))
+            np.array([stages[name][std_column(key)] for name in names]))
 
 
 def pyplot():
@@ -402,7 +361,7 @@ def main() -> None:
             except ValueError as error:
                 sys.exit(f"error: {error}")
             if job_ids and options.no_wait:
-                print("re-launch the same command once the arrays have ended: it archives the runs and writes the tables")
+                print("re-launch the same command once the arrays have ended: it archives the runs, writes the tables")
                 return
             if job_ids:
                 sweep.wait_for_slurm(job_ids, options.poll_s)
