@@ -29,17 +29,15 @@ command and commit that produced it.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks import sweep
 from benchmarks.aggregate import Cells, before_after, cell, std_column
-from benchmarks.runner import (REPO_ROOT, Job, archive_summaries, git_commit, markdown_table,
-                               restore_summaries, run_jobs, submit_to_slurm, write_sweep_description)
+from benchmarks.runner import (REPO_ROOT, Job, add_benchmark_arguments, git_commit, markdown_table, run_benchmark,
+                               seed_by_seed)
 
 HERE = REPO_ROOT / "benchmark_results"  # where the tables and figures go
 ARCHIVE = HERE / "nav1d_runs.json"  # every finished run's summary and code version, committed with the tables
@@ -127,13 +125,6 @@ def eda_ratio_jobs(out: Path, seeds) -> tuple[list[Job], list[Job]]:
                                       "--load-critic", checkpoint], job.seed, out / f"eda_ratio{ratio}_s{job.seed}",
                          {"ratio": ratio}, needs=job.run_dir) for ratio in DATA_RATIOS if ratio < 1]
     return full, variants
-
-
-def seed_by_seed(first: list[Job], dependent: list[Job]) -> list[Job]:
-    """Each seed's runs (shared ones once), every run before the runs that load it: a sweep stopped part-way leaves
-    whole seeds behind, not base runs whose dependent runs would have to train them again."""
-    unique = list({job.run_dir: job for job in first + dependent}.values())
-    return sorted(unique, key=lambda job: (job.seed, job.needs is not None))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,10 +325,8 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", default=["planners", "policies", "methods"],
                         choices=["planners", "policies", "methods", "eda_ratio"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs in parallel (one thread each)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))
-    parser.add_argument("--report-only", action="store_true", help="only rebuild tables/figures from finished runs")
-    sweep.add_slurm_arguments(parser)
+    add_benchmark_arguments(parser)
     options = parser.parse_args()
     out = options.out.resolve()
     arguments = shlex.join(a for a in sys.argv[1:] if a != "--report-only")
@@ -348,31 +337,9 @@ def main() -> None:
     policies = policy_jobs(out, options.seeds) if "policies" in options.tables else []
     base, variants = method_jobs(out, options.seeds) if "methods" in options.tables else ([], [])
     ratio_base, ratio_variants = eda_ratio_jobs(out, options.seeds) if "eda_ratio" in options.tables else ([], [])
-    every_job = planners + policies + base + variants + ratio_base + ratio_variants
-    write_sweep_description(every_job, out)  # `python -m benchmarks.aggregate --out OUT` also reads these runs
-    restored = restore_summaries(every_job, ARCHIVE, same_code_only=not options.report_only)
-    if restored:
-        print(f"{restored} runs restored from {ARCHIVE.relative_to(REPO_ROOT)} (made with this checkout's code)")
-    if not options.report_only:
-        ordered = seed_by_seed(planners + policies + base + ratio_base, variants + ratio_variants)
-        if options.executor == "slurm":
-            try:
-                job_ids = submit_to_slurm(ordered, out / "submitit", options)
-            except ValueError as error:
-                sys.exit(f"error: {error}")
-            if job_ids and options.no_wait:
-                print("re-launch the same command once the arrays have ended: it archives the runs, writes the tables")
-                return
-            if job_ids:
-                sweep.wait_for_slurm(job_ids, options.poll_s)
-            archive_summaries(ordered, ARCHIVE)
-            failed = [job for job in ordered if not job.finished()]
-        else:
-            failed = run_jobs(ordered, options.jobs, after_each=lambda job: archive_summaries([job], ARCHIVE))
-        if failed:
-            sweep.report(ordered)
-            print(f"{len(failed)} runs failed or were skipped because their base run failed; their rows are incomplete",
-                  file=sys.stderr)
+    ordered = seed_by_seed(planners + policies + base + ratio_base, variants + ratio_variants)
+    if not run_benchmark(ordered, out, ARCHIVE, options):
+        return
     ratios = ratio_base + ratio_variants
     cells = Cells(out)
     if options.report_only and not cells.rows:
@@ -387,6 +354,7 @@ def main() -> None:
     if ratios:
         (HERE / "nav1d_eda_data_ratio.md").write_text(eda_ratio_table(ratios, cells, command))
     plot_figures(cells)
+
 
 if __name__ == "__main__":
     main()

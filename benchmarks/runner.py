@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from benchmarks.sweep import LocalRunner, submit_slurm
+from benchmarks.sweep import LocalRunner, add_slurm_arguments, report, submit_slurm, wait_for_slurm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,6 +135,51 @@ def run_command(local: LocalRunner, job: Job, env: dict, failed: list[Job]) -> N
     print(f"[{time.time() - start:6.0f}s] {shlex.join(job.command[1:])}: {status}", flush=True)
     if returncode != 0:
         failed.append(job)
+
+
+def seed_by_seed(first: list[Job], dependent: list[Job]) -> list[Job]:
+    """Each seed's runs (shared ones once), every run before the runs that load it: a sweep stopped part-way leaves
+    whole seeds behind, not base runs whose dependent runs would have to train them again."""
+    unique = list({job.run_dir: job for job in first + dependent}.values())
+    return sorted(unique, key=lambda job: (job.seed, job.needs is not None))
+
+
+def add_benchmark_arguments(parser) -> None:
+    """The options every benchmark table shares: where runs go, how they run (here or on SLURM), report only."""
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="local: runs in parallel (one thread each)")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild tables/figures from finished runs")
+    add_slurm_arguments(parser)
+
+
+def run_benchmark(jobs: list[Job], out: Path, archive: Path, options) -> bool:
+    """A benchmark's runs, in order: described as a sweep in `out` (for benchmarks.aggregate), finished runs of the
+    same code restored from `archive`, the rest run here or submitted to SLURM, every finished run archived. Returns
+    whether the tables can be written now (not after a --no-wait submission)."""
+    write_sweep_description(jobs, out)
+    restored = restore_summaries(jobs, archive, same_code_only=not options.report_only)
+    if restored:
+        print(f"{restored} runs restored from {archive.name} (made with this checkout's code)")
+    if options.report_only:
+        return True
+    if options.executor == "slurm":
+        try:
+            job_ids = submit_to_slurm(jobs, out / "submitit", options)
+        except ValueError as error:
+            sys.exit(f"error: {error}")
+        if job_ids and options.no_wait:
+            print("re-launch the same command once the arrays have ended: it archives the runs, writes the tables")
+            return False
+        if job_ids:
+            wait_for_slurm(job_ids, options.poll_s)
+        archive_summaries(jobs, archive)
+        failed = [job for job in jobs if not job.finished()]
+    else:
+        failed = run_jobs(jobs, options.jobs, after_each=lambda job: archive_summaries([job], archive))
+    if failed:
+        report(jobs)
+        print(f"{len(failed)} runs failed or were skipped because their base run failed; their rows are incomplete",
+              file=sys.stderr)
+    return True
 
 
 def record_launch(job: Job) -> None:
