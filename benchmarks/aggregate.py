@@ -4,8 +4,8 @@
 
 reads DIR/sweep.json (written by benchmarks.sweep) and every finished run's summary.json, and writes DIR/table.md
 (markdown) and DIR/table.csv (one row per dataset, values and stage; the spread is the population std over the seeds
-that finished, and `seeds` says how many that was). Per stage: return, normalised score, success rate and coherency
-where the script reports them, `episode_std` (the spread of the evaluation episodes' returns within a run, averaged
+that finished, and `seeds` says how many that was). Per stage: return, normalised score, success rate, coherency and
+the divergence monitor (denoising error, actions at the bounds) where the script reports them, `episode_std` (the spread of the evaluation episodes' returns within a run, averaged
 over seeds) and `wall_time_s` (the whole run's). The Nav1D tables (benchmarks.nav1d_tables) are built from these rows.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ from benchmarks.runner import markdown_table, mean_std
 
 # column -> where a run's summary has it: a stage's key, or (for the whole run) the summary's own key
 STAGE_METRICS = {"return_mean": "return_mean", "normalized_mean": "normalized_mean", "success_rate": "success_rate",
-                 "coherency": "coherency", "episode_std": "return_std"}
+                 "coherency": "coherency", "episode_std": "return_std", "denoising_error": "denoising_error",
+                 "actions_at_bounds": "actions_at_bounds"}
 RUN_METRICS = ("wall_time_s",)
 METRICS = (*STAGE_METRICS, *RUN_METRICS)
 

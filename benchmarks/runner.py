@@ -165,7 +165,8 @@ def run_benchmark(jobs: list[Job], out: Path, archive: Path, options) -> bool:
         try:
             job_ids = submit_to_slurm(jobs, out / "submitit", options)
         except ValueError as error:
-            sys.exit(f"error: {error}")
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
         if job_ids and options.no_wait:
             print("re-launch the same command once the arrays have ended: it archives the runs, writes the tables")
             return False
