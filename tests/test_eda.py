@@ -241,3 +241,25 @@ def test_non_finite_loss_stops_naming_stage_and_step_without_saving(tmp_path):
     assert result.returncode == 1
     assert "non-finite loss" in result.stderr and "stage 'behavior" in result.stderr and "at step 10" in result.stderr
     assert not (run_dir / "checkpoints" / "latest.pt").exists()
+
+
+def test_the_alignment_diagnosis_reads_a_run_and_refuses_what_it_cannot_read(tmp_path, tiny_nav1d_run, capsys):
+    from benchmarks import eda_diagnose
+
+    run_dir = tmp_path / "ratio"
+    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(run_dir), *TINY_NAV1D, "--data-ratio", "0.3",
+                        "--eval-episodes", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = eda_diagnose.diagnose(run_dir, num_states=64, samples=4, draws=2)
+    recorded = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)["done"]["candidates"]
+    labels = report["labels"]  # the same labels the run made, read back
+    assert labels["q_range_within_state"] == pytest.approx(recorded["q_range_within_state"], rel=1e-5)
+    assert labels["best_candidate_target"] == pytest.approx(recorded["best_candidate_target"], rel=1e-5)
+    assert 0 <= labels["target_entropy"] <= labels["ln_K"] == pytest.approx(math.log(4))
+    for split in ("training", "held_out"):
+        assert 0 < report["loss"][split]["loss"] < 2 * labels["ln_K"] and 0 <= report["loss"][split]["accuracy"] <= 1
+    for stats in report["samples"].values():
+        assert stats["q_best_of_n"] >= stats["q_one_sample"] and 0 <= stats["at_bounds"] <= 1
+    assert eda_diagnose.main([str(tiny_nav1d_run), "--states", "8"]) == 2  # every state labelled: nothing held out
+    assert eda_diagnose.main([str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.count("error:") == 2
