@@ -57,10 +57,13 @@ def test_inpainted_state_equals_the_given_state_at_every_denoising_step(sampler)
 
 
 def test_training_masks_always_know_the_current_state_and_a_causal_prefix():
-    known = da.random_prefix_masks(500, HORIZON, STATE_DIM, X_DIM, "cpu")
+    known = da.random_prefix_masks(4000, HORIZON, STATE_DIM, X_DIM, "cpu", planning_share=0.5)
     assert known[:, 0, :STATE_DIM].all()
     fully_known_steps = known.all(-1).sum(1)
     assert fully_known_steps.min() == 0 and fully_known_steps.max() == HORIZON - 1
+    # the planning case (only the current state known) gets its share of the batch, the prefixes the rest
+    assert (fully_known_steps == 0).float().mean() == pytest.approx(0.5, abs=0.03)
+    assert (fully_known_steps == 1).float().mean() == pytest.approx(0.5 / (HORIZON - 1), abs=0.03)
     for row in known[:20]:  # fully known steps form a prefix, followed by one step whose state only is known
         prefix = int(row.all(-1).sum())
         assert row[:prefix].all() and row[prefix, :STATE_DIM].all() and not row[prefix, STATE_DIM:].any()
