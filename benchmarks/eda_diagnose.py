@@ -16,7 +16,6 @@ The dataset must be loadable as it was for the run (MINARI_DATASETS_PATH for loc
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -24,26 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.runner import REPO_ROOT
+from benchmarks.runner import REPO_ROOT, load_finished_run, print_report
 
 sys.path.insert(0, str(REPO_ROOT))  # eda_d4rl.py is a script at the repository root
 
 import eda_d4rl as eda  # noqa: E402
 from common.data import Normalizer, load_offline_data  # noqa: E402
+from common.runtime import UserError  # noqa: E402
 from common.training import fraction_at_bounds  # noqa: E402
 
 
 def load_run(run_dir: Path):
     """(args, data, normalised states, models, candidates) of a finished run's checkpoint."""
-    checkpoint_path = run_dir / "checkpoints" / "latest.pt"
-    if not checkpoint_path.is_file():
-        raise ValueError(f"{run_dir} has no checkpoints/latest.pt")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    if checkpoint.get("script") != eda.SCRIPT or "alignment" not in checkpoint.get("done", {}):
-        raise ValueError(f"{checkpoint_path} is not an eda_d4rl.py run that finished its alignment")
-    fields = eda.Args.__dataclass_fields__
-    args = eda.Args(**{key: tuple(value) if isinstance(value, list) else value
-                       for key, value in checkpoint["args"].items() if key in fields})
+    checkpoint, args = load_finished_run(run_dir, eda, "alignment")
     data = load_offline_data(args.env)
     normalizer = Normalizer.from_state_dict(checkpoint["state"]["normalizer"])
     states = torch.as_tensor(normalizer.normalize(data.observations.astype(np.float32)))
@@ -75,6 +67,8 @@ def sample_stats(model, critic, diffusion, states, samples: int, low, high) -> d
 
 
 def diagnose(run_dir: Path, num_states: int = 512, samples: int = 4, draws: int = 8, seed: int = 0) -> dict:
+    if min(num_states, samples, draws) < 1:
+        raise UserError("--states, --samples and --draws must be >= 1")
     args, data, states, models, candidates, sde = load_run(run_dir)
     torch.manual_seed(seed)
     low, high = torch.as_tensor(data.action_low), torch.as_tensor(data.action_high)
@@ -85,7 +79,7 @@ def diagnose(run_dir: Path, num_states: int = 512, samples: int = 4, draws: int 
     unlabelled[labelled] = False
     others = torch.nonzero(unlabelled)[:, 0]
     if len(others) == 0:
-        raise ValueError("every dataset state had candidates (--data-ratio 1): no held-out states to compare with")
+        raise UserError("every dataset state had candidates (--data-ratio 1): no held-out states to compare with")
     held_out = states[others[torch.randperm(len(others))[:num_states]]]
     q_labels = candidates["q_labels"]
     targets = torch.softmax(args.q_scale * q_labels, -1)
@@ -135,18 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     options = parser.parse_args(argv)
-    try:
-        if min(options.states, options.samples, options.draws) < 1:
-            raise ValueError("--states, --samples and --draws must be >= 1")
-        report = diagnose(options.run_dir, options.states, options.samples, options.draws, options.seed)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(text(report))
-    if options.json:
-        options.json.write_text(json.dumps(report, indent=1) + "\n")
-    return 0
-
+    return print_report(lambda: diagnose(options.run_dir, options.states, options.samples, options.draws, options.seed),
+                        text, options.json)
 
 if __name__ == "__main__":
     sys.exit(main())

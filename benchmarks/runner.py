@@ -279,6 +279,33 @@ def restore_summaries(jobs: list[Job], archive: Path, same_code_only: bool = Tru
     return restored
 
 
+def load_finished_run(run_dir: Path, script, stage: str) -> tuple[dict, object]:
+    """The latest checkpoint of a run of `script` (the imported script module) that finished `stage`, and the run's
+    arguments as the script's Args; a UserError (one line) otherwise."""
+    from common.training import check_loadable
+
+    checkpoint = check_loadable(str(run_dir / "checkpoints" / "latest.pt"), script.SCRIPT, stage)
+    fields = script.Args.__dataclass_fields__
+    return checkpoint, script.Args(**{key: tuple(value) if isinstance(value, list) else value
+                                      for key, value in checkpoint["args"].items() if key in fields})
+
+
+def print_report(make_report: Callable[[], dict], describe: Callable[[dict], str], json_path: Path | None) -> int:
+    """A diagnosis as a command: its text on stdout, its numbers in `json_path` if given; a UserError is one line on
+    stderr and exit code 2."""
+    from common.runtime import UserError
+
+    try:
+        report = make_report()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(describe(report))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
 def git_commit(paths: tuple[str, ...] = ()) -> str:
     """Short HEAD, with '+uncommitted' when tracked files (of `paths` only, if given) differ from it."""
     result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)

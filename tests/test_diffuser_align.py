@@ -1,6 +1,7 @@
 """diffuser_align.py: planning and alignment identities on tiny models, and end-to-end smoke runs (Nav1D, Hopper)."""
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -335,3 +336,25 @@ def test_hopper_minari_dataset_runs_end_to_end_with_horizon_32(tmp_path):
     assert summary["args"]["horizon"] == 32 and summary["args"]["unet_dim_mults"] == [1, 2, 4]
     assert np.isfinite(summary["stages"]["aligned"]["normalized_mean"])
     assert "coherency" not in summary
+
+
+@pytest.mark.parametrize("planner", ["diffuser", "dd"])
+def test_the_planner_diagnosis_reads_a_run_and_refuses_what_it_cannot_read(tmp_path, planner, capsys):
+    from benchmarks import planner_diagnose
+
+    run_dir = tmp_path / "run"
+    result = run_script(tmp_path, "--env", "nav1d-full", "--run-dir", str(run_dir), "--planner", planner,
+                        "--align", "dpo", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = planner_diagnose.diagnose(run_dir, num_states=64)
+    _, loaded, space = planner_diagnose.load_planner(run_dir)
+    torch.manual_seed(0)  # the same dataset windows as the diagnosis drew
+    states, _ = loaded.states_actions(space.dataset_samples(64)[0])
+    assert report["next_state"]["current_state"] == pytest.approx(float(((states[:, 0] - states[:, 1]) ** 2).mean()))
+    shown = min(planner_diagnose.STEPS_SHOWN, report["settings"]["horizon"]) - 1
+    assert len(report["noisy_level_error"]["states"]) == shown
+    assert (report["noisy_level_error"]["actions"] is None) == (planner == "dd")
+    assert all(value >= 0 and math.isfinite(value) for value in (report["first_action"]["plan"],
+                                                                  report["next_state"]["plan"]))
+    assert planner_diagnose.main([str(tmp_path / "nothing")]) == 2
+    assert "error:" in capsys.readouterr().err
