@@ -47,9 +47,10 @@ def run_name(env: str, model: str, seed: int) -> str:
     return f"{dataset}_{model}_s{seed}"
 
 
-def jobs_for(env: str, seeds: list[int], out: Path, extra: dict[str, list[str]]) -> list[Job]:
-    """Every run of the table, each seed's base runs before the runs that load them; `extra` holds each script's
-    additional arguments."""
+def jobs_for(env: str, seeds: list[int], out: Path, extra: dict[str, list[str]],
+             models: tuple[str, ...] = tuple(STARTS)) -> list[Job]:
+    """Every run of the table's `models`, each seed's base runs before the runs that load them; `extra` holds each
+    script's additional arguments."""
     common = ["--env", env, "--preset", "cpu"]
     eda, dp_args, diffuser = ([*common, *extra[script]] for script in ("eda_d4rl", "dp_align", "diffuser_align"))
     base, dependent = [], []
@@ -62,7 +63,8 @@ def jobs_for(env: str, seeds: list[int], out: Path, extra: dict[str, list[str]])
         dependent += [Job("dp_align", [*dp_args, "--load-foundation", checkpoint, "--load-critic", checkpoint,
                                        "--align", method], seed, out / run_name(env, f"dp-{method}", seed),
                           {"model": "DP", "align": method}, needs=dp.run_dir) for method in DP_METHODS_ALONE]
-    return seed_by_seed(base, dependent)
+    return seed_by_seed([job for job in base if job.tags["model"] in models],
+                        [job for job in dependent if job.tags["model"] in models])
 
 
 ROWS = [("EDA", "EDA"), ("DP", "rl,dpo,sft"), *(("DP", method) for method in DP_METHODS_ALONE),
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="local/hopper/medium-replay-v0", help="a locomotion dataset")
     parser.add_argument("--seeds", default="0-2", help="as benchmarks.sweep --seed: 0-2, 0,3 ...")
+    parser.add_argument("--models", nargs="+", choices=tuple(STARTS), default=list(STARTS),
+                        help="the rows to run (the table shows whatever has finished)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (--cpu-threads)")
     for script in SCRIPTS:
         parser.add_argument(f"--{script.split('_')[0]}-args", default="", metavar="ARGS",
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.hopper_tables " + shlex.join(a for a in argv if a != "--report-only")
     extra_per_script = {script: ["--cpu-threads", str(options.threads), *extra,
                                  *shlex.split(getattr(options, f"{script.split('_')[0]}_args"))] for script in SCRIPTS}
-    jobs = jobs_for(options.env, seeds, out, extra_per_script)
+    jobs = jobs_for(options.env, seeds, out, extra_per_script, tuple(options.models))
     if not run_benchmark(jobs, out, ARCHIVE, options):
         return
     cells = Cells(out)

@@ -20,6 +20,7 @@ def test_each_seed_runs_every_script_and_dps_methods_alone_load_the_dp_sequence_
         assert all(argument in job.args for argument in EXTRA[job.script])  # each script gets its own extras only
         assert not any(argument in job.args for script, extra in EXTRA.items() if script != job.script
                        for argument in extra[:1])
+    assert {job.tags["model"] for job in hopper_tables.jobs_for(ENV, [0], tmp_path, EXTRA, ("DP",))} == {"DP"}
     alone = [job for job in jobs if job.needs is not None]
     assert {job.tags["align"] for job in alone} == set(hopper_tables.DP_METHODS_ALONE)
     for job in alone:
