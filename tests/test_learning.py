@@ -4,7 +4,9 @@ its best-of-4 and its one-sample return.
 
 Each alignment script trains one foundation and critic; every method then runs from them (`--load-foundation`,
 `--load-critic`), as many runs at a time as the machine has cores (one thread each). The diffuser's stages are
-shorter than its Nav1D preset's, so its absolute returns are below those of the benchmark tables. The margins asserted
+shorter than its Nav1D preset's: its preset's 3,000-step foundation plans close to the optimum (6.5 of 7.23) since
+half of its training windows are the planning case (`--inpaint-planning-share`), which leaves no room to show a gain,
+so the test starts from a 600-step foundation, and its absolute returns are below those of the benchmark tables. The margins asserted
 are about half of the gains these settings gave on the 2-core development machine (MEASURED); runs are deterministic
 on one CPU model, but another model's float kernels take the runs elsewhere, so a margin also has to hold there.
 """
@@ -18,30 +20,29 @@ import pytest
 
 from conftest import REPO_ROOT
 
-BASE_RUNS = {  # the foundation and critic: DP shorter than its preset, the diffuser's preset
+BASE_RUNS = {  # the foundation and critic, both shorter than their presets
     "dp_align": ["--foundation-steps", "1000", "--critic-steps", "2000", "--eval-episodes", "50"],
-    "diffuser_align": ["--eval-episodes", "16"],
+    "diffuser_align": ["--foundation-steps", "600", "--eval-episodes", "16"],
 }
-METHOD_RUNS = {  # DP at its preset's stage lengths, the diffuser with 40-step stages
+METHOD_RUNS = {  # DP at its preset's stage lengths, the diffuser with 40-step stages (SFT 80)
     "dp_align": {"rl": [], "qvpg": [], "dpo": [], "sft": [], "cascade": [], "rl,dpo,sft": []},
     "diffuser_align": {"rl": ["--rl-steps", "40"], "qvpg": ["--qvpg-steps", "40"], "dpo": ["--dpo-steps", "40"],
-                       "sft": ["--sft-steps", "40"], "cascade": ["--cascade-steps", "100", "--rl-steps", "40"],
+                       "sft": ["--sft-steps", "80"], "cascade": ["--cascade-steps", "100", "--rl-steps", "40"],
                        "rl,dpo,sft": ["--rl-steps", "40", "--dpo-steps", "20", "--sft-steps", "20"]},
 }
 MEASURED = {  # foundation -> aligned with these settings (seed 0, 2-core development machine)
     ("dp_align", "rl"): (1.71, 4.47), ("dp_align", "qvpg"): (1.71, 3.49), ("dp_align", "dpo"): (1.71, 3.70),
     ("dp_align", "sft"): (1.71, 2.01), ("dp_align", "cascade"): (1.71, 6.04), ("dp_align", "rl,dpo,sft"): (1.71, 4.44),
-    ("diffuser_align", "rl"): (3.50, 6.03), ("diffuser_align", "qvpg"): (3.50, 6.56),
-    ("diffuser_align", "dpo"): (3.50, 4.07), ("diffuser_align", "sft"): (3.50, 4.25),
-    ("diffuser_align", "cascade"): (3.50, 4.67), ("diffuser_align", "rl,dpo,sft"): (3.50, 5.66),
+    ("diffuser_align", "rl"): (2.72, 3.94), ("diffuser_align", "qvpg"): (2.72, 7.08),
+    ("diffuser_align", "dpo"): (2.72, 3.49), ("diffuser_align", "sft"): (2.72, 3.09),
+    ("diffuser_align", "cascade"): (2.72, 4.46), ("diffuser_align", "rl,dpo,sft"): (2.72, 4.17),
 }
-# about half of each measured gain; the diffuser's SFT gained 0.75 on one development machine but 0.24 on another
-# (3.50 -> 3.74, the same on the code before and after the change that found it), so its margin is 0.1
+# about half of each measured gain (the diffuser's SFT gains only 0.10 in 40 steps, hence its 80)
 MARGINS = {
     ("dp_align", "rl"): 1.3, ("dp_align", "qvpg"): 0.8, ("dp_align", "dpo"): 1.0, ("dp_align", "sft"): 0.15,
     ("dp_align", "cascade"): 2.0, ("dp_align", "rl,dpo,sft"): 1.3,
-    ("diffuser_align", "rl"): 1.2, ("diffuser_align", "qvpg"): 1.5, ("diffuser_align", "dpo"): 0.3,
-    ("diffuser_align", "sft"): 0.1, ("diffuser_align", "cascade"): 0.6, ("diffuser_align", "rl,dpo,sft"): 1.0,
+    ("diffuser_align", "rl"): 0.6, ("diffuser_align", "qvpg"): 2.0, ("diffuser_align", "dpo"): 0.35,
+    ("diffuser_align", "sft"): 0.15, ("diffuser_align", "cascade"): 0.8, ("diffuser_align", "rl,dpo,sft"): 0.7,
 }
 EDA_RUN = ["--behavior-steps", "1000", "--critic-steps", "2000", "--align-steps", "1500", "--eval-episodes", "20",
            "--eval-every", "0"]
