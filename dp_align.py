@@ -265,11 +265,12 @@ PRESETS: dict[str, dict] = {
 }
 
 COMPUTE_PRESETS: dict[str, dict] = {  # --preset: sizes for a machine, over the dataset's preset (README)
-    # a 2-core CPU: an MLP denoiser, 20k foundation and 100k critic steps, 300 steps per alignment method; first values
-    # from the per-step timings of cpu_speed.md, not yet checked end to end on Hopper (issue 15)
+    # a 2-core CPU: an MLP denoiser, 20k foundation and 100k critic steps, 300 steps per alignment method (sizes from
+    # the per-step timings of cpu_speed.md); kl_coef 0.1 because on Hopper seed 1 RL alone without it fell from 23.7
+    # to 3.3 (14% of actions at a bound) and with it rose to 45.5 (benchmark_results/hopper_cpu.md)
     "cpu": dict(backbone="mlp", hidden=256, depth=3, foundation_steps=20_000, critic_steps=100_000, train_steps=200,
                 spacing="quadratic", rl_steps=300, qvpg_steps=300, dpo_steps=300, sft_steps=300, cascade_steps=300,
-                align_batch=32, eval_episodes=10, save_every=2_000),
+                align_batch=32, kl_coef=0.1, eval_episodes=20, save_every=2_000),
 }
 
 
