@@ -235,14 +235,21 @@ def archive_summaries(jobs: list[Job], archive: Path) -> None:
     for job in jobs:
         summary = job.summary()
         if summary is not None:
-            entries[job.run_dir.name] = {"commits": job.commits_path.read_text().split(), "summary": summary}
+            entries[job.run_dir.name] = {"commits": job.commits_path.read_text().split(),
+                                         "args": portable_args(job), "summary": summary}
     archive.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
+
+
+def portable_args(job: Job) -> list[str]:
+    """The job's arguments with its output folder written as {out}: the same run wherever the sweep's folder is."""
+    return [arg.replace(str(job.run_dir.parent), "{out}") for arg in job.args]
 
 
 def restore_summaries(jobs: list[Job], archive: Path, same_code_only: bool = True) -> int:
     """Put archived results back for runs that have none yet. To continue a sweep (`same_code_only`), only runs made
-    with the code this checkout has (the same last change of the run's code, no uncommitted edits): finished runs
-    are then not trained again, and an edit to the code never lets old numbers pass for new ones. To rebuild tables,
+    with the code this checkout has (the same last change of the run's code, no uncommitted edits) and the same
+    arguments (entries archived before arguments were recorded never): finished runs are then not trained again,
+    and neither an edit to the code nor another option lets old numbers pass for new ones. To rebuild tables,
     all of them (each table names the code its runs used). An archive holds no checkpoints, so a sweep does not restore
     a run that another run still to be made loads: it trains again (with its seed, to the same numbers)."""
     if not archive.exists():
@@ -256,6 +263,8 @@ def restore_summaries(jobs: list[Job], archive: Path, same_code_only: bool = Tru
             return False
         if not same_code_only:
             return True
+        if entry.get("args") != portable_args(job):
+            return False
         if job.code_paths not in checkout:
             head = git_commit(job.code_paths)
             checkout[job.code_paths] = head, last_change(head.partition("+")[0], job.code_paths)

@@ -102,6 +102,10 @@ def test_archived_runs_come_back_only_for_the_code_that_made_them(tmp_path, monk
     assert runner.restore_summaries(fresh, archive, same_code_only=False) == 1  # rebuilding tables: every run
     assert fresh[1].summary()["stages"]["aligned"]["return_mean"] == 3.0
 
+    other_option = nav1d_tables.eda_job(tmp_path / "c", "full", 0)
+    other_option.args += ["--beta", "2.0"]
+    assert runner.restore_summaries([other_option], archive) == 0  # the same code, another option: trained again
+
 
 def test_an_archived_base_run_is_trained_again_when_a_run_still_to_be_made_loads_it(tmp_path, monkeypatch):
     """The archive keeps summaries, not checkpoints: restoring a base whose dependants must still run would leave
