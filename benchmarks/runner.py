@@ -16,9 +16,8 @@ import os
 import shlex
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -86,42 +85,44 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], parallel: int, after_each: Callable[[Job], None] | None = None) -> list[Job]:
-    """Run the jobs that have no summary yet, in list order, through the sweeps' local executor (submitit), calling
-    `after_each` (one call at a time) after each run that finished; returns the ones that failed, or were skipped
-    because the run they need failed."""
+    """Run the jobs that have no summary yet through the sweeps' local executor (submitit), `parallel` at a time:
+    whenever a worker is free, the first job in list order whose base run (the run it loads) has ended, so no worker
+    idles waiting for a base while another run could go. Calls `after_each` (from this thread) after each run that
+    finished; returns the ones that failed, or were skipped because the run they need failed."""
     pending = [job for job in jobs if not job.summary_path.exists()]
     print(f"{len(jobs) - len(pending)} of {len(jobs)} runs already done; running {len(pending)} with {parallel} in parallel")
     if not pending:
         return []
-    local = LocalRunner(pending[0].run_dir.parent / "submitit")
-    ended = {job.run_dir: threading.Event() for job in pending}
-    listed = set()
-    for job in pending:  # a worker waits only for a run that is running or done, never for one queued behind it
-        if job.needs in ended and job.needs not in listed:
+    listed, not_ended = set(), {job.run_dir for job in pending}
+    for job in pending:  # list order is the order of a sweep stopped part-way, and of the SLURM arrays
+        if job.needs in not_ended and job.needs not in listed:
             raise ValueError(f"{job.run_dir.name} is listed before {job.needs.name}, the run it needs")
         listed.add(job.run_dir)
+    local = LocalRunner(pending[0].run_dir.parent / "submitit")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     failed: list[Job] = []
-    one_at_a_time = threading.Lock()
-
-    def run_one(job: Job) -> None:
-        try:
-            if job.needs is not None:
-                if job.needs in ended:
-                    ended[job.needs].wait()
-                if not (job.needs / "summary.json").exists():
+    waiting, running = list(pending), {}
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        while waiting or running:
+            for job in [job for job in waiting if job.needs not in not_ended]:
+                if len(running) == parallel:
+                    break
+                waiting.remove(job)
+                if job.needs is not None and not (job.needs / "summary.json").exists():
                     print(f"skipped {job.run_dir.name}: {job.needs.name}, the run it loads, did not finish", flush=True)
                     failed.append(job)
-                    return
-            run_command(local, job, env, failed)
-            if after_each is not None and job.summary_path.exists():
-                with one_at_a_time:
+                    not_ended.discard(job.run_dir)
+                    continue
+                running[pool.submit(run_command, local, job, env, failed)] = job
+            if not running:  # only skipped jobs were left
+                continue
+            ended, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in ended:
+                job = running.pop(future)
+                future.result()
+                not_ended.discard(job.run_dir)
+                if after_each is not None and job.summary_path.exists():
                     after_each(job)
-        finally:
-            ended[job.run_dir].set()
-
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        list(pool.map(run_one, pending))
     return failed
 
 

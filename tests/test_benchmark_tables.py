@@ -72,6 +72,22 @@ def test_a_run_listed_before_the_run_it_loads_is_refused(tmp_path):
         run_jobs([ratio, base], parallel=2)
 
 
+def test_a_free_worker_starts_the_next_ready_run_instead_of_waiting_for_a_base(tmp_path):
+    """[base A, run loading A, base B] with two workers: B runs beside A, and the run loading A starts after A."""
+    script = tmp_path / "timed.py"
+    script.write_text("import json, pathlib, sys, time\n"
+                      "run_dir = pathlib.Path(sys.argv[sys.argv.index('--run-dir') + 1]); run_dir.mkdir(parents=True)\n"
+                      "start = time.time(); time.sleep(1.5)\n"
+                      "(run_dir / 'summary.json').write_text(json.dumps({'start': start, 'end': time.time()}))\n")
+    name = str(script.with_suffix(""))
+    base_a = nav1d_tables.Job(name, [], 0, tmp_path / "base_a")
+    loads_a = nav1d_tables.Job(name, [], 0, tmp_path / "loads_a", needs=base_a.run_dir)
+    base_b = nav1d_tables.Job(name, [], 1, tmp_path / "base_b")
+    assert run_jobs([base_a, loads_a, base_b], parallel=2) == []
+    times = {job.name: job.summary() for job in (base_a, loads_a, base_b)}
+    assert times["base_b"]["start"] < times["base_a"]["end"] <= times["loads_a"]["start"], times
+
+
 def test_sweeps_run_seed_by_seed_each_base_before_the_runs_that_load_it(tmp_path):
     base, variants = nav1d_tables.method_jobs(tmp_path, [0, 1])
     ratio_base, ratio_variants = nav1d_tables.eda_ratio_jobs(tmp_path, [0, 1])
