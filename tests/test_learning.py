@@ -7,8 +7,9 @@ Each alignment script trains one foundation and critic; every method then runs f
 shorter than its Nav1D preset's: the preset's 3,000-step foundation plans close to the optimum (6.5 of 7.23) since
 half of its training windows are the planning case (`--inpaint-planning-share`), which leaves no room to show a gain,
 so the test starts from a 600-step foundation, and its absolute returns are below those of the benchmark tables.
-The margins asserted are about half of the gains these settings gave on the 2-core development machine (MEASURED); runs are deterministic
-on one CPU model, but another model's float kernels take the runs elsewhere, so a margin also has to hold there.
+The margins asserted are about half of the gains these settings gave on the 2-core development machine (MEASURED);
+runs are deterministic on one CPU model, but another model's float kernels take the runs elsewhere, so a margin also
+has to hold there.
 """
 import json
 import os
