@@ -22,8 +22,9 @@ Name resolution, first match wins:
      re-collections (D4RL/antmaze/<task>-v1, D4RL/kitchen/<task>-v2): the raw files were recorded in d4rl's
      mujoco-py environments, whose observation layout no Gymnasium environment reproduces.
 3. Anything else is taken as a Minari dataset id (`mujoco/hopper/medium-v0`, `D4RL/antmaze/umaze-v1`, ...).
-A Minari dataset missing from disk is downloaded once with `minari.download_dataset`; if that fails the loader
-raises DatasetError with one line naming the dataset, where it looked, and the command that gets it.
+A Minari dataset missing from disk is downloaded once with `minari.download_dataset` (ids with a namespace only: the
+server has no others); if that fails the loader raises DatasetError with one line naming the dataset, where it
+looked, and the command that gets it.
 
 Conventions: observations are flat float32 vectors (dict observations are flattened the same way for the data and
 for the evaluation env: `observation` + `desired_goal` when the goal is a Box (antmaze), `observation` alone when
@@ -309,6 +310,8 @@ def _find_minari(dataset_id: str) -> tuple[minari.MinariDataset | None, str]:
     """The local Minari dataset, downloading it once if missing; (None, why) when neither works."""
     where = minari.storage.get_dataset_path(dataset_id)
     if not (where / "data").exists():
+        if "/" not in dataset_id:  # every id on Farama's server has a namespace: asking it would only cost time
+            return None, f"not in {where}, and ids on the Minari server have a namespace (D4RL/door/human-v2)"
         try:
             minari.download_dataset(dataset_id)
         except Exception as error:  # no network, no minari[hf], unknown id: all mean "not available"
@@ -663,9 +666,9 @@ def load_offline_data(name: str) -> OfflineData:
         return _load_d4rl(name, *d4rl)
     dataset, why = _find_minari(name)
     if dataset is None:
+        get_it = f"; get it with: {MINARI_GET} {name}" if "/" in name else ""
         raise DatasetError(f"dataset {name} not found: not a Nav1D (nav1d-full) or D4RL-style name "
-                           f"(hopper-medium-v2, door-human-v1), and Minari dataset {name} is {why}; get it with: "
-                           f"{MINARI_GET} {name}")
+                           f"(hopper-medium-v2, door-human-v1), and Minari dataset {name} is {why}{get_it}")
     return _from_minari(name, dataset)
 
 

@@ -159,7 +159,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 
 
 BAD_INPUT = {
-    "unknown env": (["--env", "no-such-dataset-v9"], ["no-such-dataset-v9"]),
+    "unknown env": (["--env", "no-such-dataset-v9"], ["no-such-dataset-v9", "namespace"]),  # no server lookup
     "dataset not on disk": (["--env", "halfcheetah-medium-v2"], ["halfcheetah-medium-v2"]),
     "truncated dataset file": (["--env", "walker2d-medium-v2"], ["walker2d"]),
     "NaN rewards": (["--env", "hopper-medium-v2"], ["non-finite"]),
