@@ -6,6 +6,18 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The files that take longest (minutes each on 2 cores), started first so that pytest-xdist's workers, which take
+# whole files in collection order (pytest.ini), end together instead of one running a long file alone at the end.
+LONGEST_FILES = ("test_learning.py", "test_robustness.py", "test_sweep.py", "test_diffuser_align.py",
+                 "test_dp_align.py", "test_eda.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: the order inside a file stays
 
 
 @pytest.fixture(scope="session", autouse=True)
