@@ -315,7 +315,8 @@ def _find_minari(dataset_id: str) -> tuple[minari.MinariDataset | None, str]:
         try:
             minari.download_dataset(dataset_id)
         except Exception as error:  # no network, no minari[hf], unknown id: all mean "not available"
-            return None, f"not in {where} and the download failed ({_one_line(error)})"
+            return None, (f"not in {where} and the download failed ({_one_line(error)}); get it with: "
+                          f"{MINARI_GET} {dataset_id}")
     try:
         return minari.load_dataset(dataset_id), ""
     except Exception as error:
@@ -666,9 +667,8 @@ def load_offline_data(name: str) -> OfflineData:
         return _load_d4rl(name, *d4rl)
     dataset, why = _find_minari(name)
     if dataset is None:
-        get_it = f"; get it with: {MINARI_GET} {name}" if "/" in name else ""
         raise DatasetError(f"dataset {name} not found: not a Nav1D (nav1d-full) or D4RL-style name "
-                           f"(hopper-medium-v2, door-human-v1), and Minari dataset {name} is {why}{get_it}")
+                           f"(hopper-medium-v2, door-human-v1), and Minari dataset {name} is {why}")
     return _from_minari(name, dataset)
 
 
