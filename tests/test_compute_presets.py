@@ -19,7 +19,7 @@ CUT_STEPS = {  # every stage a few steps long, evaluation two short episodes
                        "--sft-steps", "2", "--sample-steps", "5", "--num-candidates", "2", "--log-every", "1"],
 }
 FROM_THE_PRESET = {  # what the cpu preset sets and the run must show
-    "eda_d4rl": {"hidden": 128, "blocks": 2, "data_ratio": 0.05, "align_batch_size": 64, "beta": 1.0},
+    "eda_d4rl": {"hidden": 128, "blocks": 2, "data_ratio": 0.05, "align_batch_size": 64, "beta": 3.0},
     "dp_align": {"backbone": "mlp", "depth": 3, "train_steps": 200, "spacing": "quadratic", "kl_coef": 0.1},
     "diffuser_align": {"horizon": 16, "unet_base_dim": 16, "train_steps": 200, "align_batch": 16},
 }
