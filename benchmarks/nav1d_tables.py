@@ -22,8 +22,8 @@ the runs that load one of them, held by SLURM until the first array has ended. -
 `python -m benchmarks.aggregate --out OUT` writes every run's stages as one generic table and CSV next to these
 tables. Each finished run's summary.json and code version are also merged into
 benchmark_results/nav1d_runs.json, which is committed with the tables: a sweep on a fresh checkout continues from it
-when the scripts' code has not changed since, and `--report-only` rebuilds the tables from it. Each table names the
-command and commit that produced it.
+when a run's code has not changed since (its script, nav1d.py and common/ less the other datasets' modules), and
+`--report-only` rebuilds the tables from it. Each table names the command and commit that produced it.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ import numpy as np
 from benchmarks.sweep import LocalRunner, add_slurm_arguments, report, submit_slurm, wait_for_slurm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# common/ modules whose code a Nav1D run never reaches: other datasets' tasks and the D4RL downloader
+NOT_RUN_BY_NAV1D = ("common/metaworld_tasks.py", "common/pusht_tasks.py", "common/robomimic_tasks.py",
+                    "common/download.py")
 
 
 @dataclass
@@ -70,8 +73,17 @@ class Job:
 
     @property
     def code_paths(self) -> tuple[str, ...]:
-        """The files whose version decides this run's numbers."""
-        return f"{self.script}.py", "nav1d.py", "common"
+        """The files whose version decides this run's numbers (git pathspecs). A Nav1D run leaves out the modules
+        only other datasets run (the loader matches Nav1D names before it calls them), so work on those datasets does
+        not make a half-finished Nav1D sweep start again."""
+        paths = (f"{self.script}.py", "nav1d.py", "common")
+        if self.env.startswith("nav1d"):
+            paths += tuple(f":(exclude){module}" for module in NOT_RUN_BY_NAV1D)
+        return paths
+
+    @property
+    def env(self) -> str:
+        return self.args[self.args.index("--env") + 1] if "--env" in self.args else ""
 
     def commits(self) -> list[str]:
         """The commits that last changed this run's code, as of each launch ('+uncommitted' kept)."""

@@ -179,3 +179,33 @@ def test_run_commits_name_the_last_change_to_the_runs_code(tmp_path):
     last_change = subprocess.run(["git", "log", "-1", "--format=%h", "--", *job.code_paths], capture_output=True,
                                  text=True, check=True, cwd=nav1d_tables.HERE.parent).stdout.strip()
     assert job.commits() == [last_change, f"{last_change}+uncommitted"]
+
+
+def test_a_change_to_another_datasets_module_keeps_nav1d_runs_current(tmp_path, monkeypatch):
+    """In a repository of its own: after a commit that touches only PushT's module, a Nav1D run's code still last
+    changed at the first commit, and a PushT run's at the second."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+
+    for path in ("dp_align.py", "nav1d.py", "common/data.py", *runner.NOT_RUN_BY_NAV1D):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text("# first\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "code")
+    first = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "common/pusht_tasks.py").write_text("# changed\n")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "pusht only")
+    second = git("rev-parse", "--short", "HEAD")
+    monkeypatch.setattr(runner, "REPO_ROOT", tmp_path)
+    runner.last_change.cache_clear()
+    nav1d_run = runner.Job("dp_align", ["--env", "nav1d-full"], 0, tmp_path / "runs" / "a")
+    pusht_run = runner.Job("dp_align", ["--env", "pusht/dp"], 0, tmp_path / "runs" / "b")
+    try:
+        assert runner.last_change(second, nav1d_run.code_paths) == first
+        assert runner.last_change(second, pusht_run.code_paths) == second
+        (tmp_path / "common/pusht_tasks.py").write_text("# edited, not committed\n")
+        assert runner.git_commit(nav1d_run.code_paths) == second
+        assert runner.git_commit(pusht_run.code_paths) == f"{second}+uncommitted"
+    finally:
+        runner.last_change.cache_clear()
