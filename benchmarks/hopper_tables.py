@@ -12,7 +12,9 @@ Runs per seed (run directories under --out):
 
 Writes benchmark_results/hopper_cpu_table.md (normalised score of the starting model and after alignment, mean ± std
 over seeds and per seed, the divergence monitor, wall times, the command and code version) and
-hopper_cpu_stages.png (the normalised score after every stage of every run, mean ± std over seeds). The runs go
+hopper_cpu_stages.png (the normalised score after every stage of every run, mean ± std over seeds) and, from the
+TensorBoard files of the runs still under --out, hopper_cpu_curves.png (each script's training curves, one line per
+seed: every stage's loss, the alignment's rewards or accuracy, and the divergence monitor). The runs go
 through benchmarks.runner like the Nav1D tables: finished runs are reused, --executor slurm submits them as job
 arrays, every finished run is archived in benchmark_results/hopper_cpu_runs.json, and --report-only rebuilds the
 files from there. Everything after `--` goes to every run (e.g. `-- --eval-episodes 5`), --eda-args, --dp-args and
@@ -164,6 +166,68 @@ def plot_stages(cells: Cells, path: Path) -> None:
     plt.close(figure)
 
 
+# model -> panels of its base run's training curves: (title, TensorBoard tags drawn in it)
+CURVES = {
+    "EDA": [("behavior: denoising loss", ["losses/behavior/loss"]), ("critic: Q loss", ["losses/critic/q"]),
+            ("alignment: contrastive loss", ["losses/alignment/loss"]),
+            ("alignment: accuracy (top candidate)", ["losses/alignment/accuracy"])],
+    "DP": [("foundation: denoising loss", ["losses/foundation/loss"]), ("critic: Q loss", ["losses/critic/q"]),
+           ("alignment: reward of the samples", ["losses/rl/reward", "losses/dpo/reward", "losses/sft/reward"])],
+    "Diffuser": [("foundation: denoising loss", ["losses/foundation/loss"]), ("critic: Q loss", ["losses/critic/q"]),
+                 ("alignment: reward of the plans", ["losses/rl/reward", "losses/dpo/reward", "losses/sft/reward"])],
+}
+DIVERGENCE = ("alignment: denoising error (monitor)", ["divergence/denoising_error"])
+
+
+def scalar_curves(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every scalar of a run's TensorBoard files: tag -> (steps, values); empty when the run has none here."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not any(run_dir.glob("events.out.tfevents.*")):
+        return {}
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    return {tag: (np.array([event.step for event in events.Scalars(tag)]),
+                  np.array([event.value for event in events.Scalars(tag)])) for tag in events.Tags()["scalars"]}
+
+
+def plot_training_curves(jobs: list[Job], path: Path) -> bool:
+    """One row of panels per script (its base runs: EDA, the DP sequence, the Diffuser sequence), one line per seed
+    and tag; returns False (and writes nothing) when no run has its TensorBoard files under --out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {model: [(job.seed, scalar_curves(job.run_dir)) for job in jobs
+                    if job.tags["model"] == model and job.needs is None] for model in CURVES}
+    runs = {model: [(seed, curves) for seed, curves in seeded if curves] for model, seeded in runs.items()}
+    models = [model for model in CURVES if runs[model]]
+    if not models:
+        return False
+    columns = max(len(CURVES[model]) for model in models) + 1
+    figure, axes = plt.subplots(len(models), columns, figsize=(3.2 * columns, 2.6 * len(models)), squeeze=False)
+    for row, model in zip(axes, models):
+        panels = [*CURVES[model], DIVERGENCE]
+        for axis, (title, tags) in zip(row, panels):
+            for color, tag in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], tags):
+                for seed, curves in runs[model]:
+                    if tag in curves:
+                        axis.plot(*curves[tag], color=color, alpha=0.8, linewidth=0.8,
+                                  label=f"{tag.split('/')[1]}" if seed == runs[model][0][0] and len(tags) > 1 else None)
+            axis.set_title(f"{model} {title}", fontsize=8)
+            axis.tick_params(labelsize=6)
+            axis.set_xlabel("global step", fontsize=7)
+            if len(tags) > 1:
+                axis.legend(fontsize=6)
+        for axis in row[len(panels):]:
+            axis.axis("off")
+    figure.suptitle("training curves, one line per seed", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -197,6 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     (HERE / "hopper_cpu_table.md").write_text(table_text(jobs, cells, options.env, command))
     plot_stages(cells, HERE / "hopper_cpu_stages.png")
     print(f"wrote {HERE / 'hopper_cpu_table.md'} and {HERE / 'hopper_cpu_stages.png'}")
+    if plot_training_curves(jobs, HERE / "hopper_cpu_curves.png"):
+        print(f"wrote {HERE / 'hopper_cpu_curves.png'}")
+    else:
+        print(f"no TensorBoard files under {out}: {HERE / 'hopper_cpu_curves.png'} not written")
 
 
 if __name__ == "__main__":

@@ -66,3 +66,21 @@ def test_bad_seeds_are_refused_with_one_line(tmp_path, capsys):
         hopper_tables.main(["--seeds", "3-1", "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "runs backwards" in capsys.readouterr().err
     assert not Path(tmp_path / "sweep.json").exists()
+
+
+def test_training_curves_come_from_the_runs_tensorboard_files(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    jobs = hopper_tables.jobs_for(ENV, [0, 1], tmp_path, {script: [] for script in hopper_tables.SCRIPTS})
+    assert not hopper_tables.plot_training_curves(jobs, tmp_path / "none.png")  # no run has written anything
+    assert not (tmp_path / "none.png").exists()
+    eda = [job for job in jobs if job.script == "eda_d4rl"]
+    for job in eda:
+        with SummaryWriter(str(job.run_dir)) as writer:
+            for step in range(5):
+                writer.add_scalar("losses/alignment/loss", 2.7 - 0.01 * step, step)
+    curves = hopper_tables.scalar_curves(eda[0].run_dir)
+    assert list(curves["losses/alignment/loss"][0]) == [0, 1, 2, 3, 4]
+    assert curves["losses/alignment/loss"][1][-1] == pytest.approx(2.66)
+    assert hopper_tables.plot_training_curves(jobs, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
