@@ -4,7 +4,9 @@
 
 On dataset states (one plan each, the current state in-painted, no selection by Q):
 - first action: mean squared difference between the plan's first action and the dataset's action at that state,
-  next to the same for the dataset's mean action (a planner that knows the state should beat it);
+  next to the same for the dataset's mean action (a planner that knows the state should beat it) and for the action
+  at the nearest state of another episode (what drawing from the data's own spread of actions at a state scores: a
+  planner at this level has learned the first action as well as this check can tell);
 - next state: the plan's step-1 state against the dataset's next state, next to the current state itself as the
   guess (the dynamics move little per step, so a planner that uses the current state comes close to it);
 - per plan step, the error of the network's clean-plan estimate at a nearly pure-noise level (network time 0.99,
@@ -49,14 +51,22 @@ def load_planner(run_dir: Path):
     planner = planning.Planner(args, planning.make_diffusion(args), foundation, critic, state_dim, action_dim,
                                inverse_dynamics if args.planner == "dd" else None)
     offline = model_transitions(data, normalizer, device="cpu")
-    return args, planner, planning.PlanSpace(args, planner, offline)
+    return args, planner, planning.PlanSpace(args, planner, offline), offline
+
+
+def neighbour_actions(states: torch.Tensor, offline: dict[str, torch.Tensor]) -> torch.Tensor:
+    """For dataset states, the action at the nearest dataset state (normalised coordinates) of another episode."""
+    distances = torch.cdist(states, offline["observations"])
+    own_episode = offline["episode_first"][distances.argmin(1)]  # each state is in the data: distance 0 to itself
+    distances[offline["episode_first"][None, :] == own_episode[:, None]] = float("inf")
+    return offline["actions"][distances.argmin(1)]
 
 
 @torch.no_grad()
 def diagnose(run_dir: Path, num_states: int = 512, seed: int = 0) -> dict:
     if num_states < 1:
         raise UserError("--states must be >= 1")
-    args, planner, space = load_planner(run_dir)
+    args, planner, space, offline = load_planner(run_dir)
     torch.manual_seed(seed)
     windows, current = space.dataset_samples(num_states)  # dataset plans from random states, and those states
     data_states, data_actions = planner.states_actions(windows)
@@ -64,8 +74,10 @@ def diagnose(run_dir: Path, num_states: int = 512, seed: int = 0) -> dict:
     plan_states, plan_actions = planner.states_actions(plans)
     first_action = float(((plan_actions[:, 0] - data_actions[:, 0]) ** 2).mean())
     mean_action = float(((space.actions(space.dataset_samples(4096)[0])[:, 0].mean(0) - data_actions[:, 0]) ** 2).mean())
+    neighbour = float(((neighbour_actions(current, offline) - data_actions[:, 0]) ** 2).mean())
     report = {
-        "first_action": {"plan": first_action, "dataset_mean_action": mean_action},
+        "first_action": {"plan": first_action, "dataset_mean_action": mean_action,
+                         "other_episode_neighbour": neighbour},
         "next_state": {"plan": float(((plan_states[:, 1] - data_states[:, 1]) ** 2).mean()),
                        "current_state": float(((data_states[:, 0] - data_states[:, 1]) ** 2).mean())},
     }
@@ -92,7 +104,8 @@ def diagnose(run_dir: Path, num_states: int = 512, seed: int = 0) -> dict:
 def text(report: dict) -> str:
     first, nxt, noisiest = report["first_action"], report["next_state"], report["noisy_level_error"]
     lines = [f"first action, squared error to the dataset's: plan {first['plan']:.3f}, the dataset's mean action "
-             f"{first['dataset_mean_action']:.3f}",
+             f"{first['dataset_mean_action']:.3f}, the nearest other episode's action "
+             f"{first['other_episode_neighbour']:.3f}",
              f"next state, squared error to the dataset's: plan {nxt['plan']:.3f}, the current state "
              f"{nxt['current_state']:.3f}",
              f"clean-plan estimate at network time {NOISY_TIME}, squared error per plan step (states from step 1"

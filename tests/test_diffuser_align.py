@@ -347,7 +347,7 @@ def test_the_planner_diagnosis_reads_a_run_and_refuses_what_it_cannot_read(tmp_p
                         "--align", "dpo", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     report = planner_diagnose.diagnose(run_dir, num_states=64)
-    _, loaded, space = planner_diagnose.load_planner(run_dir)
+    _, loaded, space, _ = planner_diagnose.load_planner(run_dir)
     torch.manual_seed(0)  # the same dataset windows as the diagnosis drew
     states, _ = loaded.states_actions(space.dataset_samples(64)[0])
     assert report["next_state"]["current_state"] == pytest.approx(float(((states[:, 0] - states[:, 1]) ** 2).mean()))
@@ -358,3 +358,14 @@ def test_the_planner_diagnosis_reads_a_run_and_refuses_what_it_cannot_read(tmp_p
                                                                   report["next_state"]["plan"]))
     assert planner_diagnose.main([str(tmp_path / "nothing")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_diagnosis_neighbour_comes_from_another_episode():
+    """Episode 0 holds states 0.0 and 0.1, episode 1 states 0.3 and 1.0: the nearest state of another episode."""
+    from benchmarks import planner_diagnose
+
+    offline = {"observations": torch.tensor([[0.0], [0.1], [0.3], [1.0]]),
+               "actions": torch.tensor([[-1.0], [-0.5], [0.5], [1.0]]),
+               "episode_first": torch.tensor([0, 0, 2, 2])}
+    neighbours = planner_diagnose.neighbour_actions(offline["observations"][[0, 1, 3]], offline)
+    assert neighbours.flatten().tolist() == [0.5, 0.5, -0.5]
