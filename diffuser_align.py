@@ -108,6 +108,9 @@ class Args:
     inpaint_planning_share: float = 0.5
     """share of the foundation's training windows with only the current state known (the planning case); the rest
     get a random causal prefix of known steps (masked in-painting)"""
+    first_action_weight: float = 1.0
+    """loss weight of the first free action of a training window (at planning time the executed one) against 1 for
+    every other free entry: joint plans give actions a small share of the loss (Diffuser and CleanDiffuser use 10)"""
     unet_base_dim: int = 32
     """channels of the first U-Net level (a multiple of 8)"""
     unet_dim_mults: tuple[int, ...] = (1, 2, 4)
@@ -288,6 +291,7 @@ def validate_args(args: Args) -> tuple[list[str], list[str]]:
         (args.cascade_branches >= 2, "--cascade-branches must be >= 2"),
         (0 <= args.cascade_branch_fraction < 1, "--cascade-branch-fraction must be in [0, 1)"),
         (0 <= args.inpaint_planning_share <= 1, "--inpaint-planning-share must be in [0, 1]"),
+        (args.first_action_weight > 0, "--first-action-weight must be > 0"),
         (args.qvpg_k <= args.sample_steps, f"--qvpg-k ({args.qvpg_k}) exceeds --sample-steps ({args.sample_steps})"),
         (0 < args.expectile < 1, "--expectile must be in (0, 1)"),
         (args.ppo_clip < 1, "--ppo-clip must be in (0, 1)"),
@@ -469,10 +473,20 @@ class PlanSpace:
     def step_distribution(self, model, x: torch.Tensor, step: int, cond):
         return self.diffusion.step_distribution(model, x, step, self.model_condition(cond))
 
-    def loss(self, model, samples: torch.Tensor, cond) -> torch.Tensor:
-        known = random_prefix_masks(len(samples), self.shape[0], self.planner.state_dim, self.shape[1], self.device,
+    def training_masks(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(known entries, loss weights) of a batch of training windows: a random causal prefix is known, every free
+        entry weighs 1 and the first free action --first-action-weight."""
+        known = random_prefix_masks(batch, self.shape[0], self.planner.state_dim, self.shape[1], self.device,
                                     self.args.inpaint_planning_share)
-        return self.diffusion.loss(model, samples, self.model_condition(cond), mask=~known, known=known)
+        weights = (~known).float()
+        if self.shape[1] > self.planner.state_dim:  # plans hold actions (not the Decision Diffuser's states only)
+            first_free_action = known[..., 0] & ~known[..., self.planner.state_dim]
+            weights[..., self.planner.state_dim:] += (self.args.first_action_weight - 1) * first_free_action[..., None]
+        return known, weights
+
+    def loss(self, model, samples: torch.Tensor, cond) -> torch.Tensor:
+        known, weights = self.training_masks(len(samples))
+        return self.diffusion.loss(model, samples, self.model_condition(cond), mask=weights, known=known)
 
     def eps_error(self, model, samples, cond, t, noise) -> torch.Tensor:
         known = self.known(samples)
@@ -483,9 +497,8 @@ class PlanSpace:
                                               known=self.known(samples))
 
     def cascade_loss(self, cascade, targets, conditions, cond) -> torch.Tensor:
-        known = random_prefix_masks(len(targets), self.shape[0], self.planner.state_dim, self.shape[1], self.device,
-                                    self.args.inpaint_planning_share)
-        return self.diffusion.loss(cascade, targets, conditions, mask=~known, known=known).mean()
+        known, weights = self.training_masks(len(targets))
+        return self.diffusion.loss(cascade, targets, conditions, mask=weights, known=known).mean()
 
 
 class CascadePlanSpace(PlanSpace):

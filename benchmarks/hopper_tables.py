@@ -198,9 +198,8 @@ def plot_training_curves(jobs: list[Job], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {model: [(job.seed, scalar_curves(job.run_dir)) for job in jobs
-                    if job.tags["model"] == model and job.needs is None] for model in CURVES}
-    runs = {model: [(seed, curves) for seed, curves in seeded if curves] for model, seeded in runs.items()}
+    runs = {model: [(job.seed, curves) for job in jobs if job.tags["model"] == model and job.needs is None
+                    for curves in [scalar_curves(job.run_dir)] if curves] for model in CURVES}
     models = [model for model in CURVES if runs[model]]
     if not models:
         return False

@@ -54,12 +54,25 @@ def load_planner(run_dir: Path):
     return args, planner, planning.PlanSpace(args, planner, offline), offline
 
 
-def neighbour_actions(states: torch.Tensor, offline: dict[str, torch.Tensor]) -> torch.Tensor:
-    """For dataset states, the action at the nearest dataset state (normalised coordinates) of another episode."""
-    distances = torch.cdist(states, offline["observations"])
-    own_episode = offline["episode_first"][distances.argmin(1)]  # each state is in the data: distance 0 to itself
-    distances[offline["episode_first"][None, :] == own_episode[:, None]] = float("inf")
-    return offline["actions"][distances.argmin(1)]
+def neighbour_actions(states: torch.Tensor, offline: dict[str, torch.Tensor], chunk: int = 65_536) -> torch.Tensor:
+    """For dataset states, the action at the nearest dataset state (normalised coordinates) of another episode.
+    Distances are taken `chunk` dataset states at a time, so a million-step file needs no million-column matrix."""
+    data, episode = offline["observations"], offline["episode_first"]
+
+    def nearest(excluded_episode: torch.Tensor | None) -> torch.Tensor:
+        best = torch.full((len(states),), float("inf"), device=states.device)
+        best_index = torch.zeros(len(states), dtype=torch.long, device=states.device)
+        for start in range(0, len(data), chunk):
+            distances = torch.cdist(states, data[start:start + chunk])
+            if excluded_episode is not None:
+                distances[episode[None, start:start + chunk] == excluded_episode[:, None]] = float("inf")
+            value, index = distances.min(1)
+            closer = value < best
+            best, best_index = torch.where(closer, value, best), torch.where(closer, index + start, best_index)
+        return best_index
+
+    own_episode = episode[nearest(None)]  # each state is in the data: distance 0 to itself
+    return offline["actions"][nearest(own_episode)]
 
 
 @torch.no_grad()

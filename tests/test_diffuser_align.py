@@ -70,6 +70,25 @@ def test_training_masks_always_know_the_current_state_and_a_causal_prefix():
         assert row[:prefix].all() and row[prefix, :STATE_DIM].all() and not row[prefix, STATE_DIM:].any()
 
 
+@pytest.mark.parametrize("planner_kind", ["diffuser", "dd"])
+def test_loss_weights_count_free_entries_and_weigh_the_first_free_action(planner_kind):
+    planner = tiny_planner(planner=planner_kind)
+    offline = {"observations": torch.zeros(50, STATE_DIM), "actions": torch.zeros(50, ACTION_DIM),
+               "episode_last": torch.full((50,), 49)}
+    space = da.PlanSpace(da.Args(planner=planner_kind, horizon=HORIZON, first_action_weight=10.0), planner, offline)
+    known, weights = space.training_masks(500)
+    assert torch.equal(weights == 0, known)  # known entries never count
+    heavy = weights == 10.0
+    if planner_kind == "dd":  # states only: nothing is weighted up
+        assert not heavy.any()
+        return
+    prefix = known.all(-1).sum(1)  # the step whose state only is known: the first free action
+    expected = torch.zeros_like(heavy)
+    expected[torch.arange(500), prefix, STATE_DIM:] = True
+    assert torch.equal(heavy, expected)
+    assert ((weights == 1.0) | heavy | known).all()
+
+
 class ActionIsQ(torch.nn.Module):
     """A critic whose Q is the first action entry, so the best plan is known."""
 
@@ -367,5 +386,6 @@ def test_the_diagnosis_neighbour_comes_from_another_episode():
     offline = {"observations": torch.tensor([[0.0], [0.1], [0.3], [1.0]]),
                "actions": torch.tensor([[-1.0], [-0.5], [0.5], [1.0]]),
                "episode_first": torch.tensor([0, 0, 2, 2])}
-    neighbours = planner_diagnose.neighbour_actions(offline["observations"][[0, 1, 3]], offline)
-    assert neighbours.flatten().tolist() == [0.5, 0.5, -0.5]
+    for chunk in (1, 3, 65_536):  # dataset states taken a few at a time, as in million-step files
+        neighbours = planner_diagnose.neighbour_actions(offline["observations"][[0, 1, 3]], offline, chunk=chunk)
+        assert neighbours.flatten().tolist() == [0.5, 0.5, -0.5]
