@@ -257,10 +257,13 @@ COMPUTE_PRESETS = {  # --preset: sizes for a machine, over the dataset's preset 
     # a 2-core CPU: a horizon-8 U-Net of base width 32, 15k foundation and 150k critic steps, 100 steps per alignment
     # method. On Hopper medium-replay (hopper_cpu.md) a horizon-16, width-16 U-Net with 20k steps and a 100k-step
     # critic fell at once (1.6); the shorter, wider U-Net learns the first steps of a plan faster, and the longer-trained
-    # critic is what makes the pick among 16 plans work (3k foundation and 30k critic steps: 7.0; this preset: 21.8)
+    # critic is what makes the pick among 16 plans work (3k foundation and 30k critic steps: 7.0; this preset: 21.8).
+    # kl_coef 0.1 (as in dp_align's preset): RL without it lost on two of three seeds (-6.1, -2.0), RL alone with it
+    # gained on both seeds tried (32.7 -> 37.2, 34.0 -> 36.3 at 20 episodes; hopper_cpu.md)
     "cpu": dict(horizon=8, unet_base_dim=32, unet_dim_mults=(1, 2, 4), foundation_steps=15_000, critic_steps=150_000,
                 inverse_dynamics_steps=15_000, train_steps=200, spacing="quadratic", rl_steps=100, qvpg_steps=100,
-                dpo_steps=100, sft_steps=100, cascade_steps=100, align_batch=16, eval_episodes=10, save_every=2_000),
+                dpo_steps=100, sft_steps=100, cascade_steps=100, align_batch=16, eval_episodes=10, save_every=2_000,
+                kl_coef=0.1),
 }
 
 
