@@ -221,6 +221,10 @@ class Args:
     sft_source: Literal["reference", "current", "both"] = "reference"
     """where SFT's candidates come from: its reference (the model as the SFT stage found it; a fixed target, so
     SFT cannot feed on its own samples), the current model, or half each"""
+    sft_data_weight: float = 0.0
+    """weight of the ordinary diffusion loss on as many dataset windows, added to every SFT update: an anchor on the
+    data. Fitting its own plans alone drifts a planner off the data even unselected and from a 200-step sampler
+    (Hopper, hopper_cpu.md); 0 fine-tunes on the accepted plans only"""
     cascade_steps: int = 1000
     """updates of the cascade model"""
     cascade_lr: float = 1e-4
@@ -259,11 +263,13 @@ COMPUTE_PRESETS = {  # --preset: sizes for a machine, over the dataset's preset 
     # critic fell at once (1.6); the shorter, wider U-Net learns the first steps of a plan faster, and the longer-trained
     # critic is what makes the pick among 16 plans work (3k foundation and 30k critic steps: 7.0; this preset: 21.8).
     # kl_coef 0.1 (as in dp_align's preset): RL without it lost on two of three seeds (-6.1, -2.0), RL alone with it
-    # gained on both seeds tried (32.7 -> 37.2, 34.0 -> 36.3 at 20 episodes; hopper_cpu.md)
+    # gained on both seeds tried (32.7 -> 37.2, 34.0 -> 36.3 at 20 episodes; hopper_cpu.md).
+    # sft_data_weight 1.0: SFT alone on its own plans sank seeds 0-2 (25.6 -> 11.4, 31.3 -> 20.6, 39.9 -> 6.0, the
+    # denoising error up 0.5-0.7); with the data anchor they held (-> 23.1, 39.1, 37.9; error within 0.06)
     "cpu": dict(horizon=8, unet_base_dim=32, unet_dim_mults=(1, 2, 4), foundation_steps=15_000, critic_steps=150_000,
                 inverse_dynamics_steps=15_000, train_steps=200, spacing="quadratic", rl_steps=100, qvpg_steps=100,
                 dpo_steps=100, sft_steps=100, cascade_steps=100, align_batch=16, eval_episodes=10, save_every=2_000,
-                kl_coef=0.1),
+                kl_coef=0.1, sft_data_weight=1.0),
 }
 
 
@@ -277,7 +283,7 @@ def validate_args(args: Args) -> tuple[list[str], list[str]]:
                 "epochs_per_batch", "dpo_noise_draws", "inverse_dynamics_hidden", "critic_hidden")
     non_negative = ("foundation_steps", "inverse_dynamics_steps", "critic_steps", "rl_steps", "qvpg_steps",
                     "dpo_steps", "sft_steps", "cascade_steps", "online_episodes", "online_critic_steps", "eval_every",
-                    "eval_max_steps", "lora_rank", "kl_coef", "entropy_coef", "eta")
+                    "eval_max_steps", "lora_rank", "kl_coef", "entropy_coef", "eta", "sft_data_weight")
     checks = [(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1") for name in positive]
     checks += [(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0") for name in non_negative]
     checks += [(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0")
@@ -745,7 +751,7 @@ def sft(space, policy, reference, optimizer, args) -> dict:
     """SFT with a likelihood threshold: per state the top sft_top_fraction of the samples by reward,
     those the reference (the model as the SFT stage found it) still finds likely (ELBO proxy under the dataset's
     sft_quantile, made once per reference), fine-tuned on with the ordinary diffusion loss for epochs_per_batch
-    steps."""
+    steps, plus sft_data_weight times that loss on as many dataset samples."""
     group = args.group_size
     if space.likelihood_threshold is None or space.likelihood_threshold[0] is not reference:
         space.likelihood_threshold = (reference, *likelihood_threshold(space, reference, args))
@@ -764,9 +770,12 @@ def sft(space, policy, reference, optimizer, args) -> dict:
         best_cond = cond.repeat_interleave(keep, 0)
         accepted = elbo_proxy(space, reference, best, best_cond, draws_t, draws_noise) <= threshold
     loss = torch.zeros((), device=samples.device)
+    anchor = space.dataset_samples(int(accepted.sum())) if args.sft_data_weight > 0 else None
     for _ in range(args.epochs_per_batch if accepted.any() else 0):
         optimizer.zero_grad(set_to_none=True)
         loss = space.loss(policy, best[accepted], best_cond[accepted]).mean()
+        if anchor is not None:
+            loss = loss + args.sft_data_weight * space.loss(policy, *anchor).mean()
         loss.backward()
         clipped_step(optimizer, args.max_grad_norm)
     return {"loss": loss.detach(), "acceptance": accepted.float().mean(), "reward": rewards.mean()}

@@ -225,6 +225,10 @@ class Args:
     sft_source: Literal["reference", "current", "both"] = "reference"
     """where SFT's candidates come from: its reference (the model as the SFT stage found it; a fixed target, so
     SFT cannot feed on its own samples), the current model, or half each"""
+    sft_data_weight: float = 0.0
+    """weight of the ordinary diffusion loss on as many dataset chunks, added to every SFT update: an anchor on the
+    data (what the Diffuser needs on Hopper, where fitting its own plans alone drifts off the data); 0 fine-tunes on
+    the accepted samples only"""
     cascade_steps: int = 1000
     """training steps of the cascade per pass"""
     cascade_lr: float = 1e-4
@@ -288,7 +292,7 @@ def validate(args: Args) -> tuple[list[str], list[str]]:
                 "eval_episodes", "ppo_epochs")
     non_negative = ("foundation_steps", "critic_steps", "rl_steps", "qvpg_steps", "dpo_steps", "sft_steps",
                     "cascade_steps", "online_episodes", "online_critic_steps", "eval_every", "lora_rank", "kl_coef",
-                    "entropy_coef", "eval_max_steps")
+                    "entropy_coef", "eval_max_steps", "sft_data_weight")
     checks = [(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1") for name in positive]
     checks += [(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0") for name in non_negative]
     checks += [(0 < getattr(args, name) <= 1, f"--{name.replace('_', '-')} must be in (0, 1]")
@@ -661,7 +665,7 @@ def sft(space, policy, reference, optimizer, args) -> dict:
     """SFT with a likelihood threshold: per state the top sft_top_fraction of the samples by reward,
     those the reference (the model as the SFT stage found it) still finds likely (ELBO proxy under the dataset's
     sft_quantile, made once per reference), fine-tuned on with the ordinary diffusion loss for epochs_per_batch
-    steps."""
+    steps, plus sft_data_weight times that loss on as many dataset samples."""
     group = args.group_size
     if space.likelihood_threshold is None or space.likelihood_threshold[0] is not reference:
         space.likelihood_threshold = (reference, *likelihood_threshold(space, reference, args))
@@ -680,9 +684,12 @@ def sft(space, policy, reference, optimizer, args) -> dict:
         best_cond = cond.repeat_interleave(keep, 0)
         accepted = elbo_proxy(space, reference, best, best_cond, draws_t, draws_noise) <= threshold
     loss = torch.zeros((), device=samples.device)
+    anchor = space.dataset_samples(int(accepted.sum())) if args.sft_data_weight > 0 else None
     for _ in range(args.epochs_per_batch if accepted.any() else 0):
         optimizer.zero_grad(set_to_none=True)
         loss = space.loss(policy, best[accepted], best_cond[accepted]).mean()
+        if anchor is not None:
+            loss = loss + args.sft_data_weight * space.loss(policy, *anchor).mean()
         loss.backward()
         clipped_step(optimizer, args.max_grad_norm)
     return {"loss": loss.detach(), "acceptance": accepted.float().mean(), "reward": rewards.mean()}

@@ -21,7 +21,8 @@ CUT_STEPS = {  # every stage a few steps long, evaluation two short episodes
 FROM_THE_PRESET = {  # what the cpu preset sets and the run must show
     "eda_d4rl": {"hidden": 128, "blocks": 2, "data_ratio": 0.05, "align_batch_size": 64, "beta": 3.0},
     "dp_align": {"backbone": "mlp", "depth": 3, "train_steps": 200, "spacing": "quadratic", "kl_coef": 0.1},
-    "diffuser_align": {"horizon": 8, "unet_base_dim": 32, "train_steps": 200, "align_batch": 16, "kl_coef": 0.1},
+    "diffuser_align": {"horizon": 8, "unet_base_dim": 32, "train_steps": 200, "align_batch": 16, "kl_coef": 0.1,
+                       "sft_data_weight": 1.0},
 }
 
 
