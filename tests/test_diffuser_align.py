@@ -211,6 +211,7 @@ def test_cascade_equals_the_foundation_at_initialisation():
     (dict(align="cascade", cascade_align="sft,sft"), "--cascade-align 'sft,sft' names a method twice"),
     (dict(group_size=1), "--group-size"),
     (dict(dpo_beta=0.0), "--dpo-beta"),
+    (dict(sft_data_weight=-1.0), "--sft-data-weight must be >= 0"),
     (dict(cascade_branch_fraction=1.0), "--cascade-branch-fraction"),
 ])
 def test_bad_arguments_are_user_errors(overrides, message):

@@ -111,6 +111,7 @@ def test_a_deterministic_sampler_without_a_cascade_ignores_the_cascades_default_
     (dict(align="cascade", cascade_align="rl,cascade"), "--cascade-align takes"),
     (dict(qvpg_k=99), "--qvpg-k"),
     (dict(sft_quantile=0.0), "--sft-quantile"),
+    (dict(sft_data_weight=-1.0), "--sft-data-weight must be >= 0"),
     (dict(group_size=1), "--group-size"),
     (dict(action_horizon=4, pred_horizon=2), "--action-horizon"),
 ])
