@@ -12,9 +12,11 @@ Runs per seed (run directories under --out):
 
 Writes benchmark_results/hopper_cpu_table.md (normalised score of the starting model and after alignment, mean ± std
 over seeds and per seed, the divergence monitor, wall times, the command and code version) and
-hopper_cpu_stages.png (the normalised score after every stage of every run, mean ± std over seeds) and, from the
-TensorBoard files of the runs still under --out, hopper_cpu_curves.png (each script's training curves, one line per
-seed: every stage's loss, the alignment's rewards or accuracy, and the divergence monitor). The runs go
+hopper_cpu_stages.png (the normalised score after every stage of every run, mean ± std over seeds) and
+hopper_cpu_curves.png (each script's training curves, one line per seed: every stage's loss, the alignment's rewards
+or accuracy, and the divergence monitor). The curves are read from the TensorBoard files of the runs under --out and
+kept, thinned to CURVE_POINTS points per tag, in benchmark_results/hopper_cpu_curves.json, so the figure is rebuilt
+from there for runs whose TensorBoard files are on another machine. The runs go
 through benchmarks.runner like the Nav1D tables: finished runs are reused, --executor slurm submits them as job
 arrays, every finished run is archived in benchmark_results/hopper_cpu_runs.json, and --report-only rebuilds the
 files from there. Everything after `--` goes to every run (e.g. `-- --eval-episodes 5`), --eda-args, --dp-args and
@@ -24,6 +26,7 @@ files from there. Everything after `--` goes to every run (e.g. `-- --eval-episo
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import sys
@@ -38,6 +41,8 @@ from benchmarks.sweep import seed_list
 
 HERE = REPO_ROOT / "benchmark_results"
 ARCHIVE = HERE / "hopper_cpu_runs.json"
+CURVES_ARCHIVE = HERE / "hopper_cpu_curves.json"  # run name -> tag -> [steps, values]
+CURVE_POINTS = 200
 SCRIPTS = ("eda_d4rl", "dp_align", "diffuser_align")
 DP_METHODS_ALONE = ("rl", "dpo", "sft")
 # model -> what the table calls its starting stage
@@ -190,16 +195,39 @@ def scalar_curves(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                   np.array([event.value for event in events.Scalars(tag)])) for tag in events.Tags()["scalars"]}
 
 
-def plot_training_curves(jobs: list[Job], path: Path) -> bool:
+def thinned(steps: np.ndarray, values: np.ndarray, points: int = CURVE_POINTS) -> list[list[float]]:
+    """At most `points` evenly spaced entries of a curve, first and last kept, values to 4 significant digits."""
+    keep = np.unique(np.linspace(0, len(steps) - 1, min(points, len(steps))).round().astype(int))
+    return [steps[keep].tolist(), [float(f"{value:.4g}") for value in values[keep]]]
+
+
+def archive_curves(jobs: list[Job], archive: Path) -> dict[str, dict[str, list]]:
+    """The figure's curves of every base run, thinned: from its TensorBoard files where this machine has them (they
+    replace the archived copy), else as archived in `archive`; written back and returned by run name."""
+    tags = {model: [tag for _, model_tags in [*panels, DIVERGENCE] for tag in model_tags]
+            for model, panels in CURVES.items()}
+    entries = json.loads(archive.read_text()) if archive.exists() else {}
+    for job in jobs:
+        if job.needs is None and job.tags["model"] in tags and job.finished():
+            curves = scalar_curves(job.run_dir)
+            kept = {tag: thinned(*curves[tag]) for tag in tags[job.tags["model"]] if tag in curves}
+            if kept:
+                entries[job.name] = kept
+    archive.write_text(json.dumps(entries, sort_keys=True, separators=(",", ":")) + "\n")
+    return entries
+
+
+def plot_training_curves(jobs: list[Job], path: Path, archive: Path) -> bool:
     """One row of panels per script (its base runs: EDA, the DP sequence, the Diffuser sequence), one line per seed
-    and tag; returns False (and writes nothing) when no run has its TensorBoard files under --out."""
+    and tag, from archive_curves; returns False (and writes nothing) when no run has curves here or in `archive`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {model: [(job.seed, curves) for job in jobs if job.tags["model"] == model and job.needs is None
-                    for curves in [scalar_curves(job.run_dir)] if curves] for model in CURVES}
+    archived = archive_curves(jobs, archive)
+    runs = {model: [(job.seed, archived[job.name]) for job in jobs
+                    if job.tags["model"] == model and job.needs is None and job.name in archived] for model in CURVES}
     models = [model for model in CURVES if runs[model]]
     if not models:
         return False
@@ -260,10 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     (HERE / "hopper_cpu_table.md").write_text(table_text(jobs, cells, options.env, command))
     plot_stages(cells, HERE / "hopper_cpu_stages.png")
     print(f"wrote {HERE / 'hopper_cpu_table.md'} and {HERE / 'hopper_cpu_stages.png'}")
-    if plot_training_curves(jobs, HERE / "hopper_cpu_curves.png"):
-        print(f"wrote {HERE / 'hopper_cpu_curves.png'}")
+    if plot_training_curves(jobs, HERE / "hopper_cpu_curves.png", CURVES_ARCHIVE):
+        print(f"wrote {HERE / 'hopper_cpu_curves.png'} (curves kept in {CURVES_ARCHIVE.name})")
     else:
-        print(f"no TensorBoard files under {out}: {HERE / 'hopper_cpu_curves.png'} not written")
+        print(f"no curves under {out} or in {CURVES_ARCHIVE.name}: {HERE / 'hopper_cpu_curves.png'} not written")
 
 
 if __name__ == "__main__":

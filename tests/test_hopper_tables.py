@@ -68,19 +68,33 @@ def test_bad_seeds_are_refused_with_one_line(tmp_path, capsys):
     assert not Path(tmp_path / "sweep.json").exists()
 
 
-def test_training_curves_come_from_the_runs_tensorboard_files(tmp_path):
+def test_training_curves_come_from_tensorboard_and_are_kept_thinned_in_their_archive(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
+    archive = tmp_path / "curves.json"
     jobs = hopper_tables.jobs_for(ENV, [0, 1], tmp_path, {script: [] for script in hopper_tables.SCRIPTS})
-    assert not hopper_tables.plot_training_curves(jobs, tmp_path / "none.png")  # no run has written anything
+    assert not hopper_tables.plot_training_curves(jobs, tmp_path / "none.png", archive)  # no run has written anything
     assert not (tmp_path / "none.png").exists()
     eda = [job for job in jobs if job.script == "eda_d4rl"]
     for job in eda:
         with SummaryWriter(str(job.run_dir)) as writer:
-            for step in range(5):
-                writer.add_scalar("losses/alignment/loss", 2.7 - 0.01 * step, step)
+            for step in range(500):
+                writer.add_scalar("losses/alignment/loss", 2.7 - 0.0001 * step, step)
+                writer.add_scalar("charts/SPS", 100.0, step)  # not a tag of the figure: not archived
+        job.summary_path.write_text("{}")
     curves = hopper_tables.scalar_curves(eda[0].run_dir)
-    assert list(curves["losses/alignment/loss"][0]) == [0, 1, 2, 3, 4]
-    assert curves["losses/alignment/loss"][1][-1] == pytest.approx(2.66)
-    assert hopper_tables.plot_training_curves(jobs, tmp_path / "curves.png")
+    assert len(curves["losses/alignment/loss"][0]) == 500
+    assert hopper_tables.plot_training_curves(jobs, tmp_path / "curves.png", archive)
     assert (tmp_path / "curves.png").stat().st_size > 0
+    kept = json.loads(archive.read_text())
+    assert sorted(kept) == sorted(job.name for job in eda) and list(kept[eda[0].name]) == ["losses/alignment/loss"]
+    steps, values = kept[eda[0].name]["losses/alignment/loss"]
+    assert len(steps) == hopper_tables.CURVE_POINTS and steps[0] == 0 and steps[-1] == 499
+    assert values[-1] == pytest.approx(2.7 - 0.0499, abs=1e-3)  # 4 significant digits
+
+    for job in eda:  # on another machine: the TensorBoard files are gone, the archive is committed
+        for events in job.run_dir.glob("events.out.tfevents.*"):
+            events.unlink()
+    (tmp_path / "curves.png").unlink()
+    assert hopper_tables.plot_training_curves(jobs, tmp_path / "curves.png", archive)
+    assert json.loads(archive.read_text()) == kept
