@@ -217,15 +217,14 @@ def archive_curves(jobs: list[Job], archive: Path) -> dict[str, dict[str, list]]
     return entries
 
 
-def plot_training_curves(jobs: list[Job], path: Path, archive: Path) -> bool:
+def plot_training_curves(jobs: list[Job], archived: dict[str, dict[str, list]], path: Path) -> bool:
     """One row of panels per script (its base runs: EDA, the DP sequence, the Diffuser sequence), one line per seed
-    and tag, from archive_curves; returns False (and writes nothing) when no run has curves here or in `archive`."""
+    and tag, from archive_curves' curves; returns False (and writes nothing) when no run has any."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    archived = archive_curves(jobs, archive)
     runs = {model: [(job.seed, archived[job.name]) for job in jobs
                     if job.tags["model"] == model and job.needs is None and job.name in archived] for model in CURVES}
     models = [model for model in CURVES if runs[model]]
@@ -288,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     (HERE / "hopper_cpu_table.md").write_text(table_text(jobs, cells, options.env, command))
     plot_stages(cells, HERE / "hopper_cpu_stages.png")
     print(f"wrote {HERE / 'hopper_cpu_table.md'} and {HERE / 'hopper_cpu_stages.png'}")
-    if plot_training_curves(jobs, HERE / "hopper_cpu_curves.png", CURVES_ARCHIVE):
+    if plot_training_curves(jobs, archive_curves(jobs, CURVES_ARCHIVE), HERE / "hopper_cpu_curves.png"):
         print(f"wrote {HERE / 'hopper_cpu_curves.png'} (curves kept in {CURVES_ARCHIVE.name})")
     else:
         print(f"no curves under {out} or in {CURVES_ARCHIVE.name}: {HERE / 'hopper_cpu_curves.png'} not written")
