@@ -85,7 +85,8 @@ def test_training_curves_come_from_tensorboard_and_are_kept_thinned_in_their_arc
         job.summary_path.write_text("{}")
     curves = hopper_tables.scalar_curves(eda[0].run_dir)
     assert len(curves["losses/alignment/loss"][0]) == 500
-    assert hopper_tables.plot_training_curves(jobs, hopper_tables.archive_curves(jobs, archive), tmp_path / "curves.png")
+    assert hopper_tables.plot_training_curves(jobs, hopper_tables.archive_curves(jobs, archive),
+                                              tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
     kept = json.loads(archive.read_text())
     assert sorted(kept) == sorted(job.name for job in eda) and list(kept[eda[0].name]) == ["losses/alignment/loss"]
@@ -97,5 +98,6 @@ def test_training_curves_come_from_tensorboard_and_are_kept_thinned_in_their_arc
         for events in job.run_dir.glob("events.out.tfevents.*"):
             events.unlink()
     (tmp_path / "curves.png").unlink()
-    assert hopper_tables.plot_training_curves(jobs, hopper_tables.archive_curves(jobs, archive), tmp_path / "curves.png")
+    assert hopper_tables.plot_training_curves(jobs, hopper_tables.archive_curves(jobs, archive),
+                                              tmp_path / "curves.png")
     assert json.loads(archive.read_text()) == kept
